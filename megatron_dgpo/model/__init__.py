@@ -1,0 +1,3 @@
+from megatron_dgpo.model.config import ModelConfig
+
+__all__ = ["ModelConfig"]

@@ -1,0 +1,20 @@
+import importlib.util
+
+import pytest
+import torch
+
+
+def _has(mod: str) -> bool:
+    return importlib.util.find_spec(mod) is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    skips = {
+        "gpu": (not torch.cuda.is_available(), "needs a CUDA device"),
+        "sglang": (not _has("sglang"), "needs the sglang package (pip install '.[sglang]')"),
+        "te": (not _has("transformer_engine"), "needs transformer-engine (pip install '.[te]')"),
+    }
+    for item in items:
+        for mark, (cond, why) in skips.items():
+            if cond and mark in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=why))
