@@ -1,0 +1,5 @@
+"""Numerical ops on vocab-parallel logits."""
+
+from megatron_dgpo.ops.logprobs import default_chunk_size, vocab_parallel_logprobs
+
+__all__ = ["default_chunk_size", "vocab_parallel_logprobs"]

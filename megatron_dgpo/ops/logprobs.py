@@ -1,0 +1,293 @@
+"""Token log-probabilities and entropies from vocab-parallel logits, chunked over tokens.
+
+`vocab_parallel_logprobs(logits, target, ...)` takes this tensor-parallel rank's vocabulary shard
+`[..., V/TP]` (rank r owns ids [r*V/TP, (r+1)*V/TP), Megatron's layout) and returns, for every
+token, `log softmax(logits / temperature)[target]` and optionally the entropy of
+`softmax(logits / temperature)`, both float32 and replicated on every rank of the TP group.
+
+Memory. No float32 copy of the `[T, V/TP]` shard is ever made: tokens are processed `chunk_size`
+rows at a time through two reusable float32 work buffers of `[chunk_size, V/TP]` (one in backward
+for float32 logits, whose gradient buffer doubles as the work buffer). Backward recomputes the
+softmax chunk by chunk from the saved logits (kept in their own dtype; autograd saves a
+reference, not a copy) and two saved float32 numbers per token (logsumexp and entropy), and
+writes the gradient straight into a tensor of the logits' dtype. Extra memory beyond the gradient
+itself is the chunk buffers plus O(T) per-token vectors. The caller's logits are never written to
+(unlike megatron's vocab_parallel_cross_entropy, which overwrites float32 inputs).
+
+Communication (forward only; backward needs none): one MAX all-reduce of the per-token max and
+one SUM all-reduce of a stacked `[2 or 3, T]` float32 tensor holding the partial sum of
+exponentials, the target logit (exactly one rank owns each id, the others contribute 0) and, with
+entropy, the partial sum of `exp(z - max) * (z - max)`. (That is the brief's max / sum-exp /
+target / entropy all-reduces with the three SUMs fused into one call.)
+
+Gradient convention (Megatron's): each rank receives the gradient of the one replicated scalar loss
+with respect to its own shard, not a sum over ranks. With z = logits / temperature, p = softmax(z):
+    d logp / d z_j = 1[j == target] - p_j
+    d H / d z_j    = -p_j * (z_j - sum_k p_k z_k) = -p_j * (log p_j + H)
+and d/d logits = (d/d z) / temperature. Backward evaluates, per chunk,
+    grad_j = (p_j * (c + b * log p_j) + 1[j == target] * g_logp) / T,   c = -(g_logp + g_H * H), b = -g_H
+as four elementwise passes (log p = z - lse, p = exp, the affine map, the product written in the
+logits' dtype); the target entry is computed in float32 and rounded once.
+
+Temperature: z = logits / T is computed as a true division (addcdiv), so the row max divided by T
+is exactly the max of z and the argmax has log-weight exactly 0.
+
+Masked vocabulary padding (-inf logits) is supported: exp gives exactly 0 there, 0 * -inf is
+treated as 0 in the entropy (nansum), and the gradient on those entries is exactly 0 (the NaN that
+0 * inf produces there is zeroed). A target on a -inf entry gets logp = -inf. Degenerate rows (all
+logits -inf, or +inf/NaN logits) give NaN/inf logp like torch.log_softmax (their gradient entries
+are zeroed rather than NaN). Targets outside [0, V) (e.g. an ignore index) give a finite but
+meaningless logp and no one-hot gradient: mask such tokens in the loss.
+
+Implementation: a torch.autograd.Function built from plain torch ops, so it runs unchanged on CPU
+and CUDA. On CUDA the bf16 -> float32 upcast and the float32 -> bf16 store are fused into the
+elementwise kernels; on CPU they go through the reusable buffers (CPU kernels would otherwise
+allocate a temporary per chunk). There is no Triton kernel (no GPU was available to validate one).
+Approximate memory traffic for bf16 logits: forward ~36 bytes/element (max pass, shift, exp, two
+row sums, product), backward ~36 bytes/element; the floor is ~6 (read twice, write the grad).
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["vocab_parallel_logprobs", "default_chunk_size"]
+
+# Bytes of one float32 work buffer of [chunk, V/TP] (two are live at once). On CUDA a larger chunk
+# keeps the number of kernel launches low (~38 chunks of ~0.2 ms kernels for T=16384, V=151936,
+# 512 MiB of buffers vs ~14 GiB for megatron's cross entropy); on CPU 16 MiB keeps parallel
+# regions long enough (tiny chunks are slow when cores are oversubscribed).
+_CHUNK_BYTES_CUDA = 256 * 2**20
+_CHUNK_BYTES_CPU = 16 * 2**20
+
+
+def default_chunk_size(vocab_local: int, device: torch.device | str | None = None) -> int:
+    """Rows per chunk so that one float32 [rows, vocab_local] work buffer is ~16 MiB (CPU) or ~256 MiB (CUDA)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    budget = _CHUNK_BYTES_CUDA if device.type == "cuda" else _CHUNK_BYTES_CPU
+    return max(1, budget // (4 * max(1, vocab_local)))
+
+
+def _resolve_group(tp_group):
+    """Explicit group, else Megatron's TP group when initialised, else None (no parallelism)."""
+    if tp_group is not None:
+        return tp_group
+    # Not imported yet means not initialised: skip the ~5 s `import megatron.core`.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def _shifted(chunk: torch.Tensor, shift: torch.Tensor, t: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out = chunk / temperature - shift[:, None] in float32, one elementwise pass (addcdiv).
+
+    The quotient is rounded before the subtraction (no FMA contraction is possible around a
+    division), so with shift = max(chunk) / temperature the argmax maps to exactly 0.
+    `chunk` (the caller's logits, any float dtype) is only read. `t` is a float32 [1, 1] tensor
+    rather than a Python scalar, so type promotion runs the arithmetic in float32 even for bf16
+    inputs. CUDA kernels fuse that upcast; CPU kernels would allocate a fresh float32 temporary per
+    chunk for it (slow page faults), so on CPU a bf16/fp16 chunk is first copied into `out` and
+    the same arithmetic (division, then subtraction; identical rounding) is done in place.
+    """
+    if chunk.dtype != out.dtype and not _fuses_casts(chunk.device):
+        out.copy_(chunk)
+        if t is not None:
+            out.div_(t)
+        return out.sub_(shift.unsqueeze(1))
+    if t is None:
+        return torch.sub(chunk, shift.unsqueeze(1), out=out)
+    return torch.addcdiv(shift.neg().unsqueeze(1), chunk, t, out=out)
+
+
+def _fuses_casts(device: torch.device) -> bool:
+    """Whether elementwise kernels on `device` convert mixed input/output dtypes on the fly."""
+    return device.type == "cuda"
+
+
+def _store_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a * b, rounded once to out's dtype. `a` (a float32 scratch buffer) may be clobbered."""
+    if out.dtype == a.dtype or _fuses_casts(out.device):
+        torch.mul(a, b, out=out)
+    else:  # CPU: avoid a per-chunk temporary for the float32 -> bf16 conversion
+        out.copy_(a.mul_(b))
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group, world, rank, temperature, with_entropy, chunk):
+        ctx.set_materialize_grads(False)
+        vl = logits.shape[-1]
+        lead = logits.shape[:-1]
+        flat = logits.reshape(-1, vl)  # a view for contiguous logits; never written to
+        n = flat.shape[0]
+        dev = logits.device
+        f32 = torch.float32
+
+        tgt = target.reshape(-1).to(device=dev, dtype=torch.long)
+        local_t = tgt - rank * vl
+        owned = (local_t >= 0) & (local_t < vl)
+        local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
+
+        t_div = None if temperature == 1.0 else torch.full((1, 1), temperature, dtype=f32, device=dev)
+
+        # 1. Global per-token max of z = logits / T. Rounding is monotone, so max(l) / T is exactly
+        #    the max of the rounded z and the shifted argmax is exactly 0.
+        m = torch.amax(flat, dim=-1).to(f32) if vl > 0 else torch.full((n,), -math.inf, dtype=f32, device=dev)
+        if t_div is not None:
+            m = m / t_div.view(1)
+        if world > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = m.masked_fill(m == -math.inf, 0.0)  # all-(-inf) row: avoid -inf - -inf = NaN in the shift
+
+        # 2. Chunked pass over tokens: partial sum of exp(x), x = z - m; target's x; partial sum of
+        #    exp(x) * x. Where x = -inf (masked padding) exp(x) = 0 and 0 * -inf = NaN: nansum drops
+        #    exactly those terms (0 * -inf := 0).
+        stats = torch.zeros(3 if with_entropy else 2, n, dtype=f32, device=dev)
+        c = max(1, min(chunk, n))
+        bx = torch.empty(c, vl, dtype=f32, device=dev)
+        be = torch.empty(c, vl, dtype=f32, device=dev)
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            k = e - s
+            x = _shifted(flat[s:e], m[s:e], t_div, bx[:k])
+            stats[1, s:e] = x.gather(1, local_t[s:e].unsqueeze(1)).squeeze(1)
+            ex = torch.exp(x, out=be[:k])
+            stats[0, s:e] = ex.sum(dim=-1)
+            if with_entropy:
+                stats[2, s:e] = torch.nansum(ex.mul_(x), dim=-1)
+        del bx, be
+        stats[1] = torch.where(owned, stats[1], torch.zeros_like(stats[1]))
+        if world > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+
+        log_s = stats[0].log()
+        logp = stats[1] - log_s
+        ent = (log_s - stats[2] / stats[0]) if with_entropy else None  # log S - sum_k p_k (z_k - m)
+
+        ctx.temperature = temperature
+        ctx.chunk = c
+        ctx.vl = vl
+        # Backward needs log p = z - lse with lse = m + log S per token, and H.
+        ctx.save_for_backward(logits, local_t, owned, m + log_s, ent)
+        logp = logp.view(lead)
+        if ent is not None:
+            ent = ent.view(lead)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, local_t, owned, lse, ent = ctx.saved_tensors
+        if g_logp is None and g_ent is None:
+            return (None,) * 8
+        vl, c, temperature = ctx.vl, ctx.chunk, ctx.temperature
+        flat = logits.reshape(-1, vl)
+        n = flat.shape[0]
+        dev = logits.device
+        f32 = torch.float32
+        t_div = None if temperature == 1.0 else torch.full((1, 1), temperature, dtype=f32, device=dev)
+        it = 1.0 / temperature
+
+        # With y_j = log p_j = z_j - lse and H = -sum p log p:
+        #   d logp / d z_j = 1[j=t] - p_j
+        #   d H / d z_j    = -p_j (z_j - sum_k p_k z_k) = -p_j (y_j + H)
+        # so dL/d logits_j = (p_j * (coef_c + coef_y * y_j) + 1[j=t] * g1) / T with per-token
+        #   coef_c = -(g1 + g2 H),  coef_y = -g2.
+        g1 = g_logp.reshape(-1).to(f32) if g_logp is not None else None
+        g2 = g_ent.reshape(-1).to(f32) if g_ent is not None else None
+        coef_c = torch.zeros(n, dtype=f32, device=dev)
+        if g1 is not None:
+            coef_c -= g1
+        if g2 is not None:
+            coef_c -= g2 * ent
+            coef_y = ((-it) * g2).unsqueeze(1)
+        coef_c = (coef_c * it).unsqueeze(1)
+        onehot = torch.where(owned, g1 * it, torch.zeros_like(g1)) if g1 is not None else None
+
+        grad = torch.empty((n, vl), dtype=logits.dtype, device=dev)
+        direct = grad.dtype == f32  # float32: work inside the gradient itself, one buffer fewer
+        cc = max(1, min(c, n))
+        by = None if (direct or g2 is None) else torch.empty(cc, vl, dtype=f32, device=dev)
+        bp = torch.empty(cc, vl, dtype=f32, device=dev)
+        for s in range(0, n, cc):
+            e = min(s + cc, n)
+            k = e - s
+            out = grad[s:e]
+            idx = local_t[s:e].unsqueeze(1)
+            if g2 is None:
+                # grad = p * coef_c (+ one-hot): y and p share one buffer.
+                p = _shifted(flat[s:e], lse[s:e], t_div, bp[:k]).exp_()
+                w_t = coef_c[s:e]
+                p_t = p.gather(1, idx)
+                _store_product(out, p, w_t)
+            else:
+                y = _shifted(flat[s:e], lse[s:e], t_div, out if direct else by[:k])
+                p = torch.exp(y, out=bp[:k])
+                w = torch.addcmul(coef_c[s:e], y, coef_y[s:e], out=y)  # coef_c + coef_y * y, in place
+                w_t = w.gather(1, idx)
+                p_t = p.gather(1, idx)
+                if direct:
+                    w.mul_(p)  # w is `out` itself
+                else:
+                    _store_product(out, w, p)
+            if onehot is not None:
+                # Target entry computed in float32 and rounded once (not bf16 + one-hot).
+                pw_t = torch.where(p_t > 0, p_t * w_t, torch.zeros_like(p_t))
+                # (index_put_, not scatter_: CPU scatter_ on bf16 makes a float32 copy of `out`.)
+                rows = torch.arange(k, device=dev)
+                out.index_put_((rows, idx.squeeze(1)), (pw_t + onehot[s:e].unsqueeze(1)).squeeze(1).to(out.dtype))
+            # Masked (-inf) entries: p = 0 but y = -inf gives 0 * inf = NaN; their gradient is 0.
+            out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        return grad.view(logits.shape), None, None, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group=None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-prob of `target` (and entropy) under softmax(logits / temperature).
+
+    Args:
+        logits: this rank's vocab shard `[..., V/TP]`, float32/bfloat16/float16. Not modified.
+        target: global token ids, shape `logits.shape[:-1]`.
+        tp_group: the tensor-parallel ProcessGroup. None: Megatron's TP group if
+            `parallel_state.model_parallel_is_initialized()`, else no parallelism.
+        temperature: logits are divided by it (match the sampler's temperature). Must be > 0.
+        with_entropy: also return the entropy of the (tempered) distribution.
+        chunk_size: tokens per chunk; None picks `default_chunk_size(V/TP, device)`.
+
+    Returns:
+        `(logp, entropy)`: float32 tensors of shape `logits.shape[:-1]`, identical on every TP
+        rank; `entropy` is None unless `with_entropy`. Both are differentiable w.r.t. `logits`
+        (each rank gets the gradient w.r.t. its own shard, as in megatron's
+        vocab_parallel_cross_entropy).
+    """
+    if logits.dim() < 1:
+        raise ValueError("logits must have a vocabulary dimension")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} != logits.shape[:-1] {tuple(logits.shape[:-1])}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    temperature = float(temperature)
+    if not (temperature > 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    group = _resolve_group(tp_group)
+    if group is None:
+        world, rank = 1, 0
+    else:
+        world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(logits.shape[-1], logits.device)
+    logp, ent = _VocabParallelLogprobs.apply(
+        logits, target, group, world, rank, temperature, bool(with_entropy), chunk
+    )
+    return logp, (ent if with_entropy else None)
