@@ -1,0 +1,338 @@
+"""Atomic Megatron distributed checkpoints: model, optimizer, RNG state and step.
+
+Layout:
+    <root>/latest                 text file with the name of the last complete checkpoint
+    <root>/step_00000042/         a megatron.core.dist_checkpointing directory, plus
+    <root>/step_00000042/dgpo_meta.json   step, parallel layout, versions, model config
+
+Atomicity: every rank writes into `<root>/.tmp.step_00000042/`; after a barrier rank 0 fsyncs
+every file and the directory, renames it to `step_00000042/` (os.replace is atomic on POSIX),
+fsyncs `<root>`, then writes `latest` through a temporary file + fsync + rename. A crash at any
+point leaves `latest` naming the previous complete checkpoint; stale `.tmp.*` directories are
+removed by the next save.
+
+Resharding: model weights use Megatron's sharded state dict (global layer numbers, TP-sharded
+tensors), so they load into any TP / PP / DP layout. The optimizer state of the non-distributed
+optimizer is sharded like the model and reshards too; the distributed optimizer is saved in the
+`dp_reshardable` format, which changes of DP size can load but changes of TP / PP cannot (load
+with `load_optimizer=False` then). RNG states are per (pp, tp, dp) rank and are restored only
+into the same layout.
+
+Versions: megatron-core 0.19 reads checkpoints written by 0.16, not the reverse (0.19 stores the
+common state differently).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir",
+           "DISTRIB_OPTIM_FORMAT"]
+
+DISTRIB_OPTIM_FORMAT = "dp_reshardable"
+_LATEST = "latest"
+_META = "dgpo_meta.json"
+
+
+def checkpoint_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{int(step):08d}")
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The directory `latest` points to, or None."""
+    path = os.path.join(root, _LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    full = os.path.join(root, name)
+    return full if os.path.isdir(full) else None
+
+
+def _ps():
+    from megatron.core import parallel_state
+    return parallel_state
+
+
+def _layout() -> dict:
+    ps = _ps()
+    return dict(tp=ps.get_tensor_model_parallel_world_size(),
+                pp=ps.get_pipeline_model_parallel_world_size(),
+                dp=ps.get_data_parallel_world_size(),
+                vpp=ps.get_virtual_pipeline_model_parallel_world_size())
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_tree(path: str) -> None:
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _unwrapped(model_chunks):
+    from megatron_dgpo.model.builder import unwrap_model
+    return unwrap_model(list(model_chunks))
+
+
+def _model_sharded_state_dict(model_chunks) -> dict:
+    chunks = _unwrapped(model_chunks)
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _optimizer_metadata(optimizer) -> dict:
+    return {"distrib_optim_sharding_type": DISTRIB_OPTIM_FORMAT, "chained_optim_avoid_prefix": True}
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state) -> "object":
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    ps = _ps()
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], optimizer=None, *,
+                    save_rng: bool = True, extra: Optional[dict] = None,
+                    keep_last: Optional[int] = None) -> str:
+    """Save atomically to `<root>/step_XXXXXXXX` and point `latest` at it. Collective.
+
+    `extra`: small JSON-serialisable dict stored in dgpo_meta.json (e.g. data-loader position).
+    `keep_last`: delete older complete checkpoints beyond this many (after the new one is live).
+    Scripts calling this need an `if __name__ == "__main__":` guard (dist_checkpointing spawns a
+    process).
+    """
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = checkpoint_dir(root, step)
+    name = os.path.basename(final)
+    tmp = os.path.join(root, f".tmp.{name}")
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for entry in os.listdir(root):  # leftovers of crashed saves
+            if entry.startswith(".tmp."):
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+
+    sd = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        _ensure_optimizer_state(optimizer)
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=False,
+                                                       metadata=_optimizer_metadata(optimizer))
+    if save_rng:
+        sd["rng_state"] = _rng_sharded(_rng_state())
+    sd["step"] = int(step)
+    dist_checkpointing.save(sharded_state_dict=sd, checkpoint_dir=tmp)
+    _barrier()
+
+    if rank == 0:
+        model_cfg = getattr(_unwrapped(model_chunks)[0], "model_cfg", None)
+        meta = {"step": int(step), "layout": _layout(), "has_optimizer": optimizer is not None,
+                "distributed_optimizer": bool(optimizer is not None and _is_distributed(optimizer)),
+                "optimizer_format": DISTRIB_OPTIM_FORMAT if optimizer is not None and _is_distributed(optimizer) else "model_space",
+                "has_rng": save_rng, "megatron_core": _megatron_version(),
+                "model_config": model_cfg.to_dict() if model_cfg is not None else None,
+                "extra": extra or {}}
+        with open(os.path.join(tmp, _META), "w") as f:
+            json.dump(meta, f, indent=1)
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # re-saving the same step: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _atomic_write(os.path.join(root, _LATEST), name + "\n")
+        if keep_last:
+            done = sorted(e for e in os.listdir(root) if e.startswith("step_"))
+            for old in done[:-keep_last]:
+                if old != name:
+                    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give every parameter of a DistributedOptimizer's inner torch Adam a state (zero moments,
+    step 0) if it has none yet.
+
+    Upstream quirk (megatron-core 0.16, no Apex/TE): DistributedOptimizer.state_dict() asserts
+    that all params share one Adam 'step', which fails for a fresh optimizer (empty state), e.g.
+    when building the sharded state dict to load into. A zero state is exactly what torch Adam
+    creates lazily on its first step, so this changes no numerics.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Upstream quirks (megatron-core 0.16, no Apex/TE), DistributedOptimizer.load_state_dict:
+    it puts ONE `step` tensor object into the state of every parameter (torch Adam increments
+    each param's step in place, so the shared counter would advance once per parameter), and
+    `load_parameter_state_from_dp_reshardable` then copies per-parameter `step` values that come
+    back as 0 on CPU, so Adam's bias correction restarted after a resume. The correct count is
+    the `step` Megatron stores in each param group: give every parameter its own copy of it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if not st or not isinstance(st.get("step"), torch.Tensor):
+                    continue
+                if "step" in group and group["step"] is not None:
+                    st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype,
+                                              device=st["step"].device)
+                else:
+                    st["step"] = st["step"].clone()
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in opts)
+
+
+def _megatron_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("megatron-core")
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, _META)) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path_or_root: str, model_chunks: List[torch.nn.Module], optimizer=None, *,
+                    load_optimizer: bool = True, load_rng: Optional[bool] = None,
+                    strict: bool = True) -> int:
+    """Load a checkpoint (a step directory, or a root whose `latest` is used); return its step.
+
+    Model weights load into any TP / PP / DP layout. The optimizer state is loaded when
+    `optimizer` is given and `load_optimizer`; a distributed-optimizer checkpoint needs the same
+    TP / PP layout (ValueError otherwise). RNG states are restored when the layout is unchanged
+    (`load_rng=None`: automatically; True: required).
+    """
+    from megatron.core import dist_checkpointing
+
+    path = path_or_root
+    if not os.path.exists(os.path.join(path, _META)):
+        path = latest_checkpoint(path_or_root)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint at {path_or_root!r} (no {_META} and no '{_LATEST}')")
+    meta = read_meta(path)
+    layout, saved = _layout(), meta["layout"]
+    same_layout = all(layout[k] == saved[k] for k in ("tp", "pp", "dp"))
+    if load_rng is None:
+        load_rng = meta.get("has_rng", False) and same_layout
+    elif load_rng and not same_layout:
+        raise ValueError(f"RNG state of {path} was saved with layout {saved}, current is {layout}")
+
+    sd = _model_sharded_state_dict(model_chunks)
+    want_opt = optimizer is not None and load_optimizer
+    if want_opt:
+        if not meta.get("has_optimizer"):
+            raise ValueError(f"{path} has no optimizer state")
+        if meta.get("distributed_optimizer") and (layout["tp"], layout["pp"]) != (saved["tp"], saved["pp"]):
+            raise ValueError(f"{path}: distributed-optimizer state ({DISTRIB_OPTIM_FORMAT}) saved at "
+                             f"TP{saved['tp']}/PP{saved['pp']} cannot load into TP{layout['tp']}/PP{layout['pp']}; "
+                             "pass load_optimizer=False")
+        _ensure_optimizer_state(optimizer)
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True,
+                                                       metadata=_optimizer_metadata(optimizer))
+    if load_rng:
+        sd["rng_state"] = _rng_sharded(_rng_state())
+    loaded = dist_checkpointing.load(sharded_state_dict=sd, checkpoint_dir=path)
+
+    chunks = _unwrapped(model_chunks)
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys):
+        chunk.load_state_dict(loaded[key], strict=strict)
+    if want_opt:
+        # no_grad: with fp32 params the distributed optimizer's main params are views of the
+        # (requires_grad) model params, and its loader copies into them in place.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # refresh fp32 main params from the loaded weights
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    _barrier()
+    return int(meta["step"])

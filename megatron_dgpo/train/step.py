@@ -1,0 +1,343 @@
+"""One optimizer step of the policy loss through Megatron's pipeline schedules.
+
+Normalisation (exact, independent of TP, PP, DP size and the micro-batch split):
+  * Before the step, the global normaliser N is computed: the number of loss tokens (token-mean)
+    or of sequences with at least one loss token (seq-* aggregations) of this rank's batch,
+    all-reduced over the data-parallel group.
+  * Each micro-batch's loss is `policy_loss(..., normalizer=N)` = (sum of its per-token or
+    per-sequence terms) / N, so the sum over micro-batches and DP ranks is the loss of the whole
+    global batch, and its gradient is the sum of the micro-batch gradients.
+  * Megatron's schedule divides a returned loss by num_tokens (3-tuple) and num_microbatches,
+    unless `config.calculate_per_token_loss`; DDP then averages gradients over DP unless
+    `calculate_per_token_loss`. The builder sets `calculate_per_token_loss=True`, the loss
+    function returns `(loss, 1, stats)` and `finalize_model_grads` is called without
+    `num_tokens` (no further scaling): the gradient is the plain sum. For models built with
+    `calculate_per_token_loss=False` the loss is multiplied by `num_microbatches * dp_size`
+    instead, which undoes both divisions.
+Logits: GPTModel returns vocab-parallel logits `[B, S, V/TP]` when `labels=None` (it transposes
+its `[S, B, V/TP]` output); they are never gathered over the vocabulary: log-probs come from
+`megatron_dgpo.ops.vocab_parallel_logprobs`. Vocabulary padding rows (ids >= model_cfg.vocab_size)
+are masked to -inf so the distribution equals the unpadded model's.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_dgpo.train.batch import RolloutBatch, shift_left
+
+__all__ = ["train_step", "forward_logprobs", "prepare_model_config"]
+
+_SUM_KEYS = ("loss",)
+_WEIGHT_OF = {"w_ln_mean": "ln_tokens", "w_hp_mean": "hp_tokens"}
+
+
+def _ps():
+    from megatron.core import parallel_state
+    return parallel_state
+
+
+def _device():
+    from megatron_dgpo.distributed import device
+    return device()
+
+
+def _finalize_model_grads(model, num_tokens=None, **kwargs):
+    """finalize_model_grads without the per-token rescaling (our losses are already normalised)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    return finalize_model_grads(model, num_tokens=None, **kwargs)
+
+
+def prepare_model_config(model_chunks, optimizer=None):
+    """Set the schedule hooks on the shared TransformerConfig (idempotent)."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model_chunks[0])
+    config.finalize_model_grads_func = _finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss if optimizer is not None else None
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        # batched isend/irecv on gloo can mismatch messages between one pair of ranks (see
+        # model/builder.py); Megatron's ordered unbatched p2p is exact.
+        config.batch_p2p_comm = False
+    return config
+
+
+def _vocab_size_of(model_chunks) -> Optional[int]:
+    from megatron_dgpo.model.builder import unwrap_model
+
+    cfg = getattr(unwrap_model(model_chunks[0]), "model_cfg", None)
+    return None if cfg is None else cfg.vocab_size
+
+
+def _mask_vocab_padding(logits: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    if vocab_size is None:
+        return logits
+    ps = _ps()
+    v_local = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * v_local
+    lo = max(vocab_size - start, 0)
+    if lo < v_local:
+        logits[..., lo:] = float("-inf")  # logits is GPTModel's fresh transposed copy
+    return logits
+
+
+def _check_layout(logits: torch.Tensor, tokens: torch.Tensor):
+    if tuple(logits.shape[:2]) != tuple(tokens.shape):
+        raise RuntimeError(f"expected GPTModel logits [B, S, V/TP] for tokens {tuple(tokens.shape)}, "
+                           f"got {tuple(logits.shape)}")
+
+
+def _forward_step_func(loss_builder):
+    dev = _device()
+
+    def forward_step(data_iterator, model):
+        idx, mb = next(data_iterator)
+        tokens = mb.tokens.to(dev, non_blocking=True)
+        b, s = tokens.shape
+        pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, -1)
+        out = model(input_ids=tokens, position_ids=pos, attention_mask=None)
+        return out, functools.partial(loss_builder, idx, mb, tokens)
+
+    return forward_step
+
+
+def _schedule(model_chunks, micro_batches, forward_step, forward_only, config):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if _ps().get_context_parallel_world_size() != 1:
+        raise NotImplementedError("context parallelism is not supported by train_step")
+    seq_length = micro_batches[0].seq_length
+    mbs = micro_batches[0].batch_size
+    items = list(enumerate(micro_batches))
+    iters = [iter(items) for _ in model_chunks]
+    fb = get_forward_backward_func()
+    return fb(
+        forward_step_func=forward_step,
+        data_iterator=iters if len(model_chunks) > 1 else iters[0],
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=mbs,
+        decoder_seq_length=seq_length,
+        forward_only=forward_only,
+    )
+
+
+def _pad_multiple(config) -> int:
+    mult = 1
+    if getattr(config, "sequence_parallel", False):
+        mult = config.tensor_model_parallel_size
+    if getattr(config, "fp8", None):
+        recipe = str(getattr(config, "fp8_recipe", "tensorwise"))
+        fp8_mult = 32 if "mxfp8" in recipe else 16
+        mult = mult * fp8_mult // __import__("math").gcd(mult, fp8_mult)
+    return mult
+
+
+def _broadcast_from_last_stage(obj):
+    """Send a python object from the last pipeline stage to every stage of this pipeline."""
+    ps = _ps()
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]
+
+
+def _dp_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    ps = _ps()
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return t
+
+
+def _policy_stats(metrics: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Per-micro-batch metrics -> {name: [numerator, denominator]} for exact global reduction."""
+    out = {}
+    n = metrics.get("valid_tokens")
+    for key, value in metrics.items():
+        v = value.detach().double().reshape(())
+        if key in _SUM_KEYS or key.endswith("_tokens"):
+            out[key] = torch.stack([v, v.new_zeros(())])
+        else:
+            w = metrics.get(_WEIGHT_OF.get(key, "valid_tokens"), n)
+            w = w.detach().double().reshape(()) if w is not None else v.new_ones(())
+            out[key] = torch.stack([v * w, w])
+    return out
+
+
+def _reduce_stats(stats_list: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Sum micro-batch stats, all-reduce over DP, divide (sum-type entries have denominator 0)."""
+    if not stats_list:
+        return {}
+    keys = sorted(stats_list[0])
+    dev = _device()
+    packed = torch.stack([torch.stack([s[k].to(dev) for k in keys]) for s in stats_list]).sum(0)  # [K, 2]
+    packed = _dp_all_reduce(packed)
+    out = {}
+    for k, (num, den) in zip(keys, packed.cpu().tolist()):
+        out[k] = num if den == 0 else (num / den if den > 0 else 0.0)
+    return out
+
+
+def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBatch, loss_cfg, *,
+               micro_batch_size: int, temperature: float = 1.0, compute_entropy: bool = True,
+               vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
+               lr: Optional[float] = None,
+               logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None) -> Dict[str, float]:
+    """Forward + backward of the policy loss over `batch` (this DP rank's share) and one
+    optimizer step. Returns metrics reduced over DP, identical on every rank.
+
+    Every rank of a model-parallel group (TP x PP) must pass the same `batch`; different DP ranks
+    pass their own shares (`RolloutBatch.dp_shard`). `batch.old_logp=None` means on-policy
+    (old = current, detached). The sequence dimension is padded to what SP / FP8 need.
+    `logits_hook(micro_batch_index, logits)` is called on the last stage with the masked
+    vocab-parallel logits; if it returns a tensor, that is used instead (tests return a clone
+    with a gradient hook to capture d loss / d logits).
+
+    Metrics: the policy_loss metrics (loss = global loss, *_tokens = global counts, the rest
+    token-weighted means), `entropy`, `rollout_logp_abs_diff` / `rollout_logp_diff` (train minus
+    rollout, when rollout_logp is given), `grad_norm`, `update_successful`, `lr`,
+    `num_microbatches`, `tokens` (non-pad tokens, global), `step_time_s`, `tokens_per_s`.
+    """
+    from megatron_dgpo.loss import policy_loss
+    from megatron_dgpo.ops import vocab_parallel_logprobs
+
+    t0 = time.perf_counter()
+    ps = _ps()
+    config = prepare_model_config(model_chunks, optimizer)
+    if loss_cfg.aggregation == "seq-mean-token-sum-norm" and loss_cfg.norm_length is None:
+        # Dr.GRPO's constant: the batch's own length, not the layout-dependent padded length.
+        import dataclasses
+        loss_cfg = dataclasses.replace(loss_cfg, norm_length=batch.seq_length)
+    batch = batch.pad_to(_pad_multiple(config))
+    micro_batches = batch.micro_batches(micro_batch_size)
+    n_mb = len(micro_batches)
+    dp = ps.get_data_parallel_world_size()
+    dev = _device()
+    if vocab_size is None:
+        vocab_size = _vocab_size_of(model_chunks)
+    if lr is not None:
+        from megatron_dgpo.train.optimizer import set_lr
+        set_lr(optimizer, lr)
+
+    # Global normaliser and token counts, one all-reduce over DP.
+    mask_s = shift_left(batch.loss_mask, False)
+    counts = torch.tensor([float(mask_s.sum()), float((mask_s.sum(-1) > 0).sum()),
+                           float(batch.lengths.sum())], dtype=torch.float64, device=dev)
+    counts = _dp_all_reduce(counts).cpu()
+    seq_mode = loss_cfg.aggregation != "token-mean"
+    normalizer = float(counts[1] if seq_mode else counts[0])
+    scale = 1.0 if getattr(config, "calculate_per_token_loss", False) else float(n_mb * dp)
+
+    def loss_builder(idx, mb, tokens, logits):
+        _check_layout(logits, tokens)
+        logits = _mask_vocab_padding(logits, vocab_size)
+        if logits_hook is not None:
+            replaced = logits_hook(idx, logits)
+            logits = logits if replaced is None else replaced
+        target = shift_left(tokens)
+        logp, ent = vocab_parallel_logprobs(logits, target, temperature=temperature,
+                                            with_entropy=compute_entropy, chunk_size=chunk_size)
+        mask = shift_left(mb.loss_mask, False).to(dev)
+        old = logp.detach() if mb.old_logp is None else shift_left(mb.old_logp).to(dev)
+        adv = mb.advantages.to(dev)
+        if adv.dim() == 2:
+            adv = shift_left(adv)
+        loss, metrics = policy_loss(loss_cfg, logp, old, adv, mask, normalizer=normalizer)
+        stats = _policy_stats(metrics)
+        maskd = mask.double()
+        n = maskd.sum()
+        if ent is not None:
+            stats["entropy"] = torch.stack([(ent.detach().double() * maskd).sum(), n])
+        if mb.rollout_logp is not None:
+            diff = (logp.detach().double() - shift_left(mb.rollout_logp).to(dev).double()) * maskd
+            stats["rollout_logp_abs_diff"] = torch.stack([diff.abs().sum(), n])
+            stats["rollout_logp_diff"] = torch.stack([diff.sum(), n])
+        return loss * scale, torch.ones((), dtype=torch.int, device=dev), stats
+
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    stats_list = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder),
+                           forward_only=False, config=config)
+    update_successful, grad_norm, _ = optimizer.step()
+
+    metrics = _reduce_stats(stats_list) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+    metrics = _broadcast_from_last_stage(metrics)
+    elapsed = time.perf_counter() - t0
+    metrics.update(
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        update_successful=float(bool(update_successful)),
+        lr=float(optimizer.param_groups[0]["lr"]),
+        num_microbatches=float(n_mb),
+        normalizer=normalizer,
+        tokens=float(counts[2]),
+        step_time_s=elapsed,
+        tokens_per_s=float(counts[2]) / max(elapsed, 1e-9),
+    )
+    return metrics
+
+
+@torch.no_grad()
+def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *, micro_batch_size: int,
+                     temperature: float = 1.0, with_entropy: bool = False,
+                     vocab_size: Optional[int] = None, chunk_size: Optional[int] = None):
+    """Token-aligned log-probs `[B, S]` (and entropies) of `batch.tokens` without gradient.
+
+    Runs the same pipeline schedule (forward only). Position 0 gets 0. The result is float32 on
+    this rank's device and identical on every rank of the model-parallel group (broadcast from
+    the last pipeline stage). Use it for old log-probs: `batch.with_old_logp(logp)`.
+    """
+    from megatron_dgpo.ops import vocab_parallel_logprobs
+
+    ps = _ps()
+    config = prepare_model_config(model_chunks, None)
+    s0 = batch.seq_length
+    padded = batch.pad_to(_pad_multiple(config))
+    micro_batches = padded.micro_batches(micro_batch_size)
+    dev = _device()
+    if vocab_size is None:
+        vocab_size = _vocab_size_of(model_chunks)
+    was_training = [c.training for c in model_chunks]
+    for c in model_chunks:
+        c.eval()
+
+    def loss_builder(idx, mb, tokens, logits):
+        _check_layout(logits, tokens)
+        logits = _mask_vocab_padding(logits, vocab_size)
+        logp, ent = vocab_parallel_logprobs(logits, shift_left(tokens), temperature=temperature,
+                                            with_entropy=with_entropy, chunk_size=chunk_size)
+        out = {"logp": logp.float()}
+        if ent is not None:
+            out["entropy"] = ent.float()
+        return torch.zeros((), device=dev), torch.ones((), dtype=torch.int, device=dev), out
+
+    try:
+        outputs = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder),
+                            forward_only=True, config=config)
+    finally:
+        for c, t in zip(model_chunks, was_training):
+            c.train(t)
+
+    b, s = padded.tokens.shape
+    names = ["logp"] + (["entropy"] if with_entropy else [])
+    result = {}
+    for name in names:
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            shifted = torch.cat([o[name] for o in outputs], 0)
+        else:
+            shifted = torch.empty((b, s), dtype=torch.float32, device=dev)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(shifted, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        aligned = torch.zeros_like(shifted)
+        aligned[:, 1:] = shifted[:, :-1]
+        result[name] = aligned[:, :s0]
+    return result["logp"], result.get("entropy")

@@ -1,0 +1,225 @@
+"""torchrun worker: layout invariance, logits-gradient exactness, checkpoint resume / reshard.
+
+    python -m torch.distributed.run --nproc_per_node=N megatron_train.py --out F --ref DIR --mode two|four
+
+DIR holds the single-process reference written by tests/test_megatron_train.py: `init` (the
+initial weights as a dist checkpoint), `batch.pt` (global batch with old log-probs) and
+`ref.pt` (per-step loss / grad norm and final weights of the TP1/PP1/DP1 run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import megatron_common as C  # noqa: E402
+
+RESULTS = {}
+
+
+def check(name, ok, detail=""):
+    RESULTS[name] = {"ok": bool(ok), "detail": detail}
+
+
+def share(obj, src):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_logits_grads(captured, ps):
+    """Full-vocab, global-batch logits and their grads on the last stage (float64, CPU)."""
+    tp_group, dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
+
+    def full(t):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(parts, t.contiguous(), group=tp_group)
+        t = torch.cat(parts, -1)
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(dp_group))]
+        dist.all_gather(parts, t, group=dp_group)
+        return torch.cat(parts, 0).double()
+
+    logits = torch.cat([captured[i]["logits"] for i in sorted(captured)], 0)
+    grads = torch.cat([captured[i]["grad"] for i in sorted(captured)], 0)
+    return full(logits), full(grads)
+
+
+def float64_reference_grad(logits, batch):
+    from megatron_dgpo.loss import policy_loss
+    from megatron_dgpo.train.batch import shift_left
+
+    x = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(x / C.TEMPERATURE, -1).gather(-1, shift_left(batch.tokens).unsqueeze(-1)).squeeze(-1)
+    loss, _ = policy_loss(C.loss_config(), logp, shift_left(batch.old_logp).double(),
+                          batch.advantages.double(), shift_left(batch.loss_mask, False))
+    loss.backward()
+    return loss.item(), x.grad
+
+
+def train_layout(name, tp, pp, ref, refdir, tmp, *, mbs, vpp=None, sp=False, dist_opt=False,
+                 logits_check=False, resume_check=False):
+    from megatron.core import parallel_state as ps
+
+    from megatron_dgpo.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_dgpo.train import forward_logprobs, train_step
+
+    chunks, opt = C.setup(tp, pp, vpp=vpp, sp=sp, dist_opt=dist_opt)
+    load_checkpoint(os.path.join(refdir, "init"), chunks, opt, load_optimizer=False)
+    full_batch = torch.load(os.path.join(refdir, "batch.pt"), weights_only=False)
+    batch = full_batch.dp_shard()
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    per = C.GLOBAL_BATCH // dp
+
+    lp, _ = forward_logprobs(chunks, batch, micro_batch_size=mbs, temperature=C.TEMPERATURE)
+    ref_lp = ref["logp0"][dp_rank * per:(dp_rank + 1) * per]
+    err = C.rel_err(lp * batch.loss_mask, ref_lp * batch.loss_mask)
+    check(f"{name}/forward_logprobs", err < 1e-5, f"rel err {err:.2e}")
+
+    captured = {}
+
+    def hook(idx, logits):
+        # Hook a clone: registering a hook on the in-place-masked logits segfaulted inside
+        # torch under the interleaved schedule (torch 2.13 CPU).
+        captured[idx] = {"logits": logits.detach().clone()}
+        y = logits.clone()
+        y.register_hook(lambda g: captured[idx].__setitem__("grad", g.detach().clone()))
+        return y
+
+    metrics = []
+    for step in range(C.STEPS):
+        if resume_check and step == 1:
+            save_checkpoint(os.path.join(tmp, f"resume_{name}"), 1, chunks, opt)
+        metrics.append(train_step(chunks, opt, batch, C.loss_config(), micro_batch_size=mbs,
+                                  temperature=C.TEMPERATURE,
+                                  logits_hook=hook if (logits_check and step == 0) else None))
+        r = ref["metrics"][step]
+        for key in ("loss", "grad_norm", "entropy", "ln_tokens", "hp_tokens", "w_ln_mean", "rollout_logp_abs_diff"):
+            check(f"{name}/step{step}/{key}", C.close(metrics[-1][key], r[key]),
+                  f"{metrics[-1][key]!r} vs reference {r[key]!r}")
+
+    if logits_check:
+        last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        detail = None
+        if last:
+            logits, grads = gather_logits_grads(captured, ps)
+            ref_loss, ref_grad = float64_reference_grad(logits, full_batch)
+            gerr = C.rel_err(grads, ref_grad)
+            detail = (gerr, ref_loss)
+        gerr, ref_loss = share(detail, src=dist.get_world_size() - 1)
+        check(f"{name}/logits_grad_vs_float64", gerr < 1e-5, f"rel err {gerr:.2e}")
+        check(f"{name}/loss_vs_float64", C.close(metrics[0]["loss"], ref_loss, 1e-5),
+              f"{metrics[0]['loss']!r} vs {ref_loss!r}")
+
+    final = os.path.join(tmp, f"final_{name}")
+    save_checkpoint(final, C.STEPS, chunks, opt)
+
+    if resume_check:
+        chunks2, opt2 = C.setup(tp, pp, vpp=vpp, sp=sp, dist_opt=dist_opt, seed=77)
+        step = load_checkpoint(os.path.join(tmp, f"resume_{name}"), chunks2, opt2)
+        m = train_step(chunks2, opt2, batch, C.loss_config(), micro_batch_size=mbs, temperature=C.TEMPERATURE)
+        same = all(m[k] == metrics[1][k] for k in ("loss", "grad_norm", "entropy"))
+        check(f"{name}/resume_metrics", step == 1 and same,
+              f"step {step}; loss {m['loss']!r} vs {metrics[1]['loss']!r}; gn {m['grad_norm']!r} vs {metrics[1]['grad_norm']!r}")
+        # dist_checkpointing of the resumed model == the uninterrupted one: compare local weights.
+        a = [p.detach() for c in chunks for p in c.parameters()]
+        b = [p.detach() for c in chunks2 for p in c.parameters()]
+        diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
+        diff = torch.tensor(diff)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        check(f"{name}/resume_weights", float(diff) == 0.0, f"max abs diff {float(diff):.3e}")
+    return final
+
+
+def tied_check(refdir, tmp):
+    """Tied embeddings (Qwen2.5-1.5B style) with PP=2 == the same model at TP1/PP1 (DP=2)."""
+    import dataclasses
+
+    from megatron_dgpo.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_dgpo.train import train_step
+
+    tied = dataclasses.replace(C.MODEL, tie_word_embeddings=True)
+    full_batch = torch.load(os.path.join(refdir, "batch.pt"), weights_only=False)
+    chunks, opt = C.setup(1, 1, model=tied)
+    init = os.path.join(tmp, "tied_init")
+    save_checkpoint(init, 0, chunks, None, save_rng=False)
+    runs = {}
+    for name, pp in (("dp2", 1), ("pp2", 2)):
+        if pp == 2:
+            chunks, opt = C.setup(1, 2, model=tied)
+            load_checkpoint(init, chunks, opt, load_optimizer=False)
+        batch = full_batch.dp_shard()
+        runs[name] = [train_step(chunks, opt, batch, C.loss_config(), micro_batch_size=2,
+                                 temperature=C.TEMPERATURE) for _ in range(C.STEPS)]
+    for step in range(C.STEPS):
+        for key in ("loss", "grad_norm"):
+            a, b = runs["pp2"][step][key], runs["dp2"][step][key]
+            check(f"tied_pp2/step{step}/{key}", C.close(a, b), f"{a!r} vs {b!r}")
+
+
+def reload_full(name, ckpt, ref):
+    """Load a checkpoint written in another layout into TP1/PP1 (DP=world) and compare weights."""
+    from megatron_dgpo.checkpoint import load_checkpoint
+
+    chunks, _ = C.setup(1, 1)
+    step = load_checkpoint(ckpt, chunks, None)
+    ok, detail = C.compare_weights(C.full_state_dict(chunks), ref["final"])
+    check(f"{name}/final_weights", ok and step == C.STEPS, detail)
+
+
+def main():
+    # dist_checkpointing.save starts a multiprocessing Manager (a spawned server process that
+    # inherits stdout/stderr). If torchrun SIGTERMs this rank after another rank failed, exit
+    # through Python so multiprocessing's atexit hook stops the Manager; an orphaned Manager
+    # keeps the pipes of the launcher open and the test would hang instead of failing.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ref", required=True)
+    ap.add_argument("--mode", choices=["two", "four"], required=True)
+    args = ap.parse_args()
+
+    from megatron_dgpo import distributed
+
+    distributed.initialize()  # the process group; layouts are (re)initialised per case
+    ref = torch.load(os.path.join(args.ref, "ref.pt"), weights_only=False)
+    world = dist.get_world_size()
+    tmp = tempfile.mkdtemp(prefix="mdgpo_ckpt_") if dist.get_rank() == 0 else None
+    tmp = share(tmp, src=0)
+    if args.mode == "two":
+        cases = [("tp2", 2, 1, dict(mbs=2, logits_check=True)),
+                 ("pp2", 1, 2, dict(mbs=1, resume_check=True)),
+                 ("dp2", 1, 1, dict(mbs=2, logits_check=True))]
+    else:
+        cases = [("tp2pp2", 2, 2, dict(mbs=2, logits_check=True, resume_check=True)),
+                 ("tp2dp2_sp_distopt", 2, 1, dict(mbs=1, sp=True, dist_opt=True, resume_check=True)),
+                 ("pp2dp2_vpp2", 1, 2, dict(mbs=1, vpp=2, logits_check=True))]
+    finals = {}
+    for name, tp, pp, kw in cases:
+        try:
+            finals[name] = train_layout(name, tp, pp, ref, args.ref, tmp, **kw)
+        except Exception:
+            check(f"{name}/runs", False, traceback.format_exc()[-3000:])
+            raise
+        else:
+            check(f"{name}/runs", True, f"world {world}")
+    for name, ckpt in finals.items():
+        reload_full(name, ckpt, ref)
+    if args.mode == "two":
+        tied_check(args.ref, tmp)
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()
