@@ -4,21 +4,30 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo train test plot clean
+.PHONY: setup demo loss-demo test plot clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# The tests also exercise the nemo-run launcher and lint the Dockerfile.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,launch,lint]"
 	touch $@
 
 setup: $(VENV)/.installed
 
+# The main job on the embedded default: tiny Qwen2-shaped model, arithmetic task, TP=2 on 2 CPU processes.
 demo: setup
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 examples/train_dgpo.py --config examples/configs/embedded_cpu.yaml
+
+loss-demo: setup
 	$(PY) examples/loss_demo.py
 
-test: setup
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
 plot: setup
