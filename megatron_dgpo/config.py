@@ -1,0 +1,130 @@
+"""The typed configuration of a training run: one dataclass per RL stage, loaded from YAML with
+`key.sub=value` command-line overrides (megatron_dgpo.configio)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megatron_dgpo.data import ArithmeticConfig, PromptDataConfig
+from megatron_dgpo.loss import PolicyLossConfig
+from megatron_dgpo.model.config import ModelConfig
+from megatron_dgpo.reward import RewardConfig
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class FP8Settings:
+    enabled: bool = False
+    format: Literal["e4m3", "hybrid"] = "hybrid"
+    recipe: Literal["tensorwise", "delayed", "mxfp8", "blockwise"] = "tensorwise"
+    fp8_param: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class DataConfig:
+    task: Literal["arithmetic", "file"] = "arithmetic"
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    train: PromptDataConfig = field(default_factory=PromptDataConfig)
+    eval: Optional[PromptDataConfig] = None
+    # HF tokenizer folder; None builds the character tokenizer of the arithmetic task.
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class SGLangSettings:
+    mode: Literal["colocated", "server"] = "server"
+    server_urls: list[str] = field(default_factory=list)  # server mode: one URL per engine
+    model_path: Optional[str] = None  # colocated: the HF folder the engine starts from
+    tp_size: int = 1
+    mem_fraction_static: float = 0.5
+    nccl_master_address: str = "127.0.0.1"  # server mode weight broadcast rendezvous
+    nccl_master_port: int = 29600
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["embedded", "sglang"] = "embedded"
+    group_size: int = 8  # G responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 8
+    weight_sync_bucket_mb: int = 64
+    sglang: SGLangSettings = field(default_factory=SGLangSettings)
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError("rollout.group_size must be >= 2 (GRPO advantages need a group)")
+
+
+@dataclass
+class AlgoConfig:
+    steps: int = 20  # RL steps (rollout batches)
+    prompts_per_step: int = 16
+    mini_batches: int = 2  # optimizer steps per rollout batch (one PPO epoch, split)
+    epochs: int = 1
+    micro_batch_size: int = 16
+    advantage: Literal["grpo", "drgrpo"] = "grpo"
+    filter_zero_variance: bool = True
+    old_logp_source: Literal["trainer", "rollout"] = "trainer"
+    tis_cap: Optional[float] = None  # truncated IS correction min(pi_old / pi_rollout, cap)
+    max_skipped_steps: int = 3  # abort after this many non-finite updates
+    # Seed of the RL phase (prompt order, rollout sampling); the warm start depends only on the
+    # top-level seed, so runs that differ here share one cached warm start.
+    seed: int = 0
+
+
+@dataclass
+class WarmStartConfig:
+    init_hf_path: Optional[str] = None  # start from a HF checkpoint (e.g. R1-Distill-Qwen)
+    sft_steps: int = 0  # supervised warm start on the task's answers (cached on disk)
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 64
+    cache_dir: str = "outputs/cache"
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # RL steps between evaluations (0: only before and after)
+    num_prompts: int = 200
+    samples_per_prompt: int = 1  # k of avg@k / pass@k
+    temperature: float = 0.0  # 0: greedy
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Settings = field(default_factory=FP8Settings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "outputs/dgpo"
+    seed: int = 1234
+    save_every: int = 0  # RL steps between checkpoints (0: only at the end)
+    resume: bool = False
+    tensorboard: bool = True

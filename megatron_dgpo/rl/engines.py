@@ -1,0 +1,40 @@
+"""Which rollout engine a run uses, and how new weights reach it."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def build_engine(cfg, tokenizer, rank: int):
+    """(engine or None on ranks without one, distributed): the embedded engine lives on every
+    rank (each generates a share of the prompts); SGLang is driven from rank 0."""
+    ro = cfg.rollout
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if ro.engine == "embedded":
+        from megatron_dgpo.rollout import HFRolloutEngine
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        engine = HFRolloutEngine.from_hf_config(cfg.model.to_hf_config(), eos_token_ids=eos, pad_token_id=pad,
+                                                device=device, seed=cfg.seed + 1000 * rank)
+        return engine, True
+    if rank != 0:
+        return None, False
+    from megatron_dgpo.rollout import sglang_engine  # imported lazily: sglang is optional
+
+    return sglang_engine.from_train_config(cfg, tokenizer), False
+
+
+def sync_weights(policy, engine, version: int, distributed: bool) -> None:
+    """Stream the trainer's weights in HF layout to the engine(s); every rank takes part."""
+    from megatron_dgpo.weight_sync import drain
+
+    if distributed:
+        engine.update_weights(policy.stream_weights(receivers=None), version=version)
+        return
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    stream = policy.stream_weights(receivers=[0])
+    if rank == 0:
+        engine.update_weights(stream, version=version)
+    else:
+        drain(stream)

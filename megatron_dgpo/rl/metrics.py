@@ -1,0 +1,86 @@
+"""Per-step metrics: metrics.jsonl and TensorBoard in the output folder (rank 0), and the summary
+plot of a run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+# The columns every RL step writes (issue contract); more keys may follow.
+REQUIRED = ("step", "reward_mean", "accuracy", "entropy", "ln_frac", "hp_frac", "w_ln_mean", "w_hp_mean",
+            "approx_kl", "grad_norm", "train_rollout_logp_gap", "tokens_per_s")
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True, resume: bool = False):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            except ImportError:  # tensorboard is a dependency; keep going without it if absent
+                self._tb = None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in row.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            step = int(row["step"])
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows of steps after the checkpoint (they will be recomputed)."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_run(metrics_path: str, out_png: str, title: Optional[str] = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if r.get("kind", "train") == "train"]
+    steps = [r["step"] for r in rows]
+    panels = [("reward_mean", "reward"), ("entropy", "entropy"), (("ln_frac", "hp_frac"), "LN / HP fraction"),
+              (("w_ln_mean", "w_hp_mean"), "mean W_logp on LN / HP")]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), constrained_layout=True)
+    for ax, (keys, label) in zip(axes, panels):
+        for key in (keys if isinstance(keys, tuple) else (keys,)):
+            ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".", label=key)
+        ax.set_xlabel("RL step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        if isinstance(keys, tuple):
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,103 @@
+"""The trained policy on Megatron-Core: model chunks of this rank, the optimizer, old log-probs,
+the policy update over mini-batches, and the weight stream to the rollout engine."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_dgpo.config import TrainConfig
+from megatron_dgpo.model.builder import build_model_chunks
+from megatron_dgpo.train import RolloutBatch, build_optimizer, forward_logprobs, train_step
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _fp8(cfg: TrainConfig):
+    if not cfg.fp8.enabled:
+        return None
+    from megatron_dgpo.model.fp8 import FP8Config
+
+    return FP8Config(enabled=True, format=cfg.fp8.format, recipe=cfg.fp8.recipe, fp8_param=cfg.fp8.fp8_param)
+
+
+class Policy:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        par = cfg.parallel
+        ddp = dict(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                   use_distributed_optimizer=par.use_distributed_optimizer)
+        self.chunks = build_model_chunks(
+            cfg.model, transformer_impl=par.transformer_impl, fp8=_fp8(cfg),
+            params_dtype=DTYPES[par.params_dtype], sequence_parallel=par.sequence_parallel,
+            wrap_ddp=True, ddp_config=ddp)
+        o = cfg.optim
+        self.optimizer = build_optimizer(
+            self.chunks, lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+            use_distributed_optimizer=par.use_distributed_optimizer)
+        self._streamer = None
+
+    # ---- log-probs and updates ------------------------------------------------------------------
+    def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+        """[B, S] token-aligned log-probs of the whole batch, identical on every rank."""
+        logp, _ = forward_logprobs(self.chunks, batch, micro_batch_size=self.micro_batch(batch),
+                                   temperature=temperature)
+        return logp.cpu()
+
+    def update(self, batch: RolloutBatch, *, temperature: float, lr: Optional[float] = None,
+               loss_cfg=None) -> List[Dict[str, float]]:
+        """One epoch of optimizer steps over `batch` split into `algo.mini_batches` mini-batches
+        (each split again over data-parallel ranks and micro-batches)."""
+        from megatron.core import parallel_state as ps
+
+        algo = self.cfg.algo
+        n_mini = max(1, min(algo.mini_batches, batch.batch_size))
+        dp = ps.get_data_parallel_world_size()
+        out = []
+        for rows in torch.tensor_split(torch.arange(batch.batch_size), n_mini):
+            mini = batch.select(rows)
+            if mini.batch_size % dp:
+                raise ValueError(f"mini-batch of {mini.batch_size} sequences does not split over "
+                                 f"data-parallel size {dp}: make prompts_per_step * group_size / mini_batches a multiple")
+            local = mini.dp_shard()
+            metrics = train_step(self.chunks, self.optimizer, local, loss_cfg or self.cfg.loss,
+                                 micro_batch_size=self.micro_batch(local), temperature=temperature, lr=lr)
+            out.append(metrics)
+        return out
+
+    def micro_batch(self, batch: RolloutBatch) -> int:
+        """The largest divisor of the batch size not above algo.micro_batch_size."""
+        m = max(1, min(self.cfg.algo.micro_batch_size, batch.batch_size))
+        while batch.batch_size % m:
+            m -= 1
+        return m
+
+    # ---- weights -------------------------------------------------------------------------------
+    def stream_weights(self, receivers=None, dtype=None):
+        """(hf_name, tensor) pairs of the current weights, on the receiving ranks (collective)."""
+        from megatron_dgpo.weight_sync import WeightStreamer
+
+        if self._streamer is None:
+            bucket = self.cfg.rollout.weight_sync_bucket_mb << 20
+            self._streamer = WeightStreamer(self.chunks, self.cfg.model, receivers=receivers,
+                                            bucket_bytes=bucket, dtype=dtype)
+        return self._streamer.iter_named_tensors()
+
+    def load_hf(self, path: str) -> None:
+        from megatron_dgpo.weight_sync import load_hf_into_megatron
+
+        load_hf_into_megatron(self.chunks, path, self.cfg.model)
+
+    def save_hf(self, path: str, source_dir: Optional[str] = None) -> None:
+        from megatron_dgpo.weight_sync import save_megatron_as_hf
+
+        save_megatron_as_hf(self.chunks, self.cfg.model, path, source_dir=source_dir)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 0) -> float:
+    """Constant after a linear warm-up (the reference runs use a constant LR)."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    return base if not math.isnan(base) else 0.0

@@ -1,0 +1,70 @@
+"""Rollout + reward: G samples per prompt, spread over the ranks that hold an engine, gathered
+everywhere, decoded and scored once (on rank 0) so every rank sees the same rewards."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+
+from megatron_dgpo.rollout import RolloutSample, SamplingParams
+
+
+@dataclass
+class Rollouts:
+    samples: list[RolloutSample]  # prompt-major: prompt i's G samples are contiguous
+    ground_truths: list[str]  # one per sample
+    texts: list[str]  # decoded responses (special tokens skipped)
+    rewards: list[float]
+    reward_stats: dict
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(len(s.response_ids) for s in self.samples)
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def generate(engine, prompt_ids: Sequence[list[int]], sampling: SamplingParams, *,
+             distributed: bool) -> list[RolloutSample]:
+    """`distributed=True`: every rank has an engine and takes a contiguous share of the prompts
+    (the embedded engine on CPU). False: rank 0's engine generates everything (SGLang)."""
+    rank, world = _world()
+    if world == 1:
+        return engine.generate(list(prompt_ids), sampling)
+    if distributed:
+        per = -(-len(prompt_ids) // world)
+        lo = min(rank * per, len(prompt_ids))
+        local = engine.generate(list(prompt_ids[lo:lo + per]), sampling) if lo < len(prompt_ids) else []
+        for s in local:
+            s.prompt_index += lo
+        gathered = [None] * world
+        dist.all_gather_object(gathered, local)
+        return [s for part in gathered for s in part]
+    box = [engine.generate(list(prompt_ids), sampling) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def score(reward_fn, tokenizer, samples: list[RolloutSample], ground_truths: list[str]):
+    """Decode and score on rank 0 (math checking runs in a process pool there), broadcast."""
+    rank, world = _world()
+    box: list[Optional[tuple]] = [None]
+    if rank == 0:
+        texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        rewards, stats = reward_fn.score(texts, ground_truths)
+        box[0] = (texts, [float(r) for r in rewards], stats)
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def collect(engine, reward_fn, tokenizer, examples, sampling: SamplingParams, *, distributed: bool) -> Rollouts:
+    samples = generate(engine, [e.prompt_ids for e in examples], sampling, distributed=distributed)
+    truths = [examples[s.prompt_index].ground_truth for s in samples]
+    texts, rewards, stats = score(reward_fn, tokenizer, samples, truths)
+    return Rollouts(samples=samples, ground_truths=truths, texts=texts, rewards=rewards, reward_stats=stats)

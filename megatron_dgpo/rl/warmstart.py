@@ -1,0 +1,72 @@
+"""Supervised warm start: a few steps of cross-entropy on the task's reference answers, so that
+RL starts from a policy with a non-zero success rate. The result is cached on disk as a HF folder
+keyed by everything that determines it, so a second run skips it.
+
+Cross-entropy is CISPO evaluated on-policy (old log-probs = current, so r = 1) with A = 1: its
+per-token value -sg(clip(r)) * A * logp is then exactly the NLL, and its gradient the NLL's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_dgpo.configio import config_to_dict
+from megatron_dgpo.train import pad_sequences, train_step
+
+
+def cache_key(cfg) -> str:
+    blob = json.dumps({
+        "model": config_to_dict(cfg.model), "data": config_to_dict(cfg.data),
+        "sft": {k: getattr(cfg.warmstart, k) for k in ("sft_steps", "sft_lr", "sft_batch_size")},
+        "seed": cfg.seed, "init": cfg.warmstart.init_hf_path,
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sft_batches(examples, tokenizer, batch_size: int, steps: int, seed: int):
+    eos = tokenizer.eos_token_id
+    rng = random.Random(seed)
+    for _ in range(steps):
+        rows = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        answers = [tokenizer.encode(e.ground_truth, add_special_tokens=False) + [eos] for e in rows]
+        yield pad_sequences([e.prompt_ids for e in rows], answers, torch.ones(len(rows)),
+                            pad_token_id=tokenizer.pad_token_id or 0)
+
+
+def run_sft(policy, examples, tokenizer, cfg, log=print) -> list[float]:
+    """Train `policy` in place; returns the token-mean NLL of the answer tokens per step."""
+    from megatron_dgpo.loss import PolicyLossConfig
+
+    ws = cfg.warmstart
+    nll_loss = PolicyLossConfig(name="cispo")
+    losses = []
+    for i, batch in enumerate(sft_batches(examples, tokenizer, ws.sft_batch_size, ws.sft_steps, cfg.seed)):
+        local = batch.dp_shard()
+        m = train_step(policy.chunks, policy.optimizer, local, nll_loss, micro_batch_size=policy.micro_batch(local),
+                       lr=ws.sft_lr, compute_entropy=False)
+        losses.append(m["loss"])
+        if (i + 1) % max(1, ws.sft_steps // 5) == 0:
+            log(f"warm start step {i + 1}/{ws.sft_steps}: nll {m['loss']:.4f}")
+    return losses
+
+
+def warm_start(policy, train_examples, tokenizer, cfg, log=print) -> str | None:
+    """Load the cached warm start into `policy` or compute and cache it. Returns the HF folder."""
+    ws = cfg.warmstart
+    if ws.sft_steps <= 0:
+        return None
+    folder = Path(ws.cache_dir) / f"sft-{cache_key(cfg)}"
+    if (folder / "config.json").exists():
+        log(f"warm start: loading cached {folder}")
+    else:
+        log(f"warm start: {ws.sft_steps} supervised steps (cached to {folder})")
+        run_sft(policy, train_examples, tokenizer, cfg, log)
+        policy.save_hf(str(folder))
+        if dist.is_initialized():
+            dist.barrier()
+    return str(folder)

@@ -1,0 +1,20 @@
+"""The RL loop end to end on CPU (embedded engine, gloo, 2 processes): TP=2, PP=2, resume."""
+import pytest
+
+from tests.torchrun_util import run_torchrun
+
+CHECKS = ["tp2_engine_equals_trainer", "tp2_metrics_columns", "tp2_trained",
+          "pp2_engine_equals_trainer", "pp2_metrics_columns", "pp2_trained",
+          "resume_continues_same_trajectory"]
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_torchrun("rl_loop.py", 2, timeout=900)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("check", CHECKS)
+def test_rl_loop(results, check):
+    assert check in results, f"{check} did not run: {sorted(results)}"
+    assert results[check]["ok"], results[check]["detail"]
