@@ -212,19 +212,18 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
 
 
 def _ensure_optimizer_state(optimizer) -> None:
-    """Give every parameter of a DistributedOptimizer's inner torch Adam a state (zero moments,
-    step 0) if it has none yet.
+    """Give every parameter of the inner torch Adam a state (zero moments, step 0) if it has
+    none yet, so that what is saved has the same keys whether or not a step was taken.
 
-    Upstream quirk (megatron-core 0.16, no Apex/TE): DistributedOptimizer.state_dict() asserts
-    that all params share one Adam 'step', which fails for a fresh optimizer (empty state), e.g.
-    when building the sharded state dict to load into. A zero state is exactly what torch Adam
-    creates lazily on its first step, so this changes no numerics.
+    Upstream quirks (megatron-core 0.16, no Apex/TE): DistributedOptimizer.state_dict() asserts
+    that all params share one Adam 'step', which fails for a fresh optimizer (empty state); and
+    an optimizer saved before its first step (e.g. every RL step so far skipped for lack of
+    reward variance) writes no moments, while the loader asks for them. A zero state is exactly
+    what torch Adam creates lazily on its first step, so this changes no numerics.
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam):
+        if not isinstance(inner, torch.optim.Adam):
             continue
         for group in inner.param_groups:
             for p in group["params"]:
