@@ -5,7 +5,7 @@ from tests.torchrun_util import run_torchrun
 
 CHECKS = ["tp2_engine_equals_trainer", "tp2_metrics_columns", "tp2_trained",
           "pp2_engine_equals_trainer", "pp2_metrics_columns", "pp2_trained",
-          "resume_continues_same_trajectory"]
+          "resume_continues_same_trajectory", "nonfinite_update_skipped"]
 
 
 @pytest.fixture(scope="module")

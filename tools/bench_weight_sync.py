@@ -44,7 +44,7 @@ def build(args, device):
                  for l, r in iter_rule_instances(cfg)}
         return cfg, state, list(state.values())
     from megatron_dgpo import distributed as mdist
-    from megatron_dgpo.weight_sync._build import build_chunks
+    from megatron_dgpo.model.builder import build_model_chunks as build_chunks
 
     mdist.initialize(1, 1)
     chunks = build_chunks(cfg)

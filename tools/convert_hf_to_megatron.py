@@ -48,7 +48,7 @@ def convert_hf_to_megatron(hf_dir, out_root, *, params_dtype=None, strict: bool 
 
     from megatron_dgpo.checkpoint import save_checkpoint
     from megatron_dgpo.weight_sync import HFCheckpoint, load_hf_into_megatron
-    from megatron_dgpo.weight_sync._build import build_chunks
+    from megatron_dgpo.model.builder import build_model_chunks as build_chunks
 
     hf = Path(hf_dir)
     with HFCheckpoint(hf) as ck:

@@ -43,7 +43,7 @@ def convert_megatron_to_hf(ckpt, out_dir, *, dtype=None, hf_files=None, max_shar
     from megatron_dgpo.checkpoint import load_checkpoint, read_meta
     from megatron_dgpo.model.config import ModelConfig
     from megatron_dgpo.weight_sync import CheckpointError, save_megatron_as_hf
-    from megatron_dgpo.weight_sync._build import build_chunks
+    from megatron_dgpo.model.builder import build_model_chunks as build_chunks
 
     step_dir = resolve_checkpoint(ckpt)
     meta = read_meta(str(step_dir))

@@ -21,6 +21,7 @@ are masked to -inf so the distribution equals the unpadded model's.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Callable, Dict, List, Optional
@@ -186,6 +187,28 @@ def _reduce_stats(stats_list: List[Dict[str, torch.Tensor]]) -> Dict[str, float]
     return out
 
 
+def _check_batch_finite(batch: RolloutBatch) -> None:
+    mask = batch.loss_mask
+    adv = batch.advantages if batch.advantages.dim() == 2 else batch.advantages[:, None].expand_as(mask)
+    if not bool(torch.isfinite(adv[mask]).all()):
+        raise ValueError("train_step: batch.advantages is not finite on some loss tokens")
+
+
+def _grads_finite(model_chunks) -> bool:
+    """True when every gradient of every rank is finite (one all-reduce). A sum is non-finite
+    iff an element is, and needs no memory beyond the reduction."""
+    bad = torch.zeros((), dtype=torch.float32, device=_device())
+    for chunk in model_chunks:
+        buffers = list(getattr(chunk, "buffers", None) or []) + list(getattr(chunk, "expert_parallel_buffers", None) or [])
+        grads = [b.grad_data for b in buffers] or [
+            getattr(p, "main_grad", p.grad) for p in chunk.parameters() if getattr(p, "main_grad", p.grad) is not None]
+        for g in grads:
+            bad = torch.maximum(bad, (~torch.isfinite(torch.sum(g, dtype=torch.float32))).float())
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return float(bad) == 0.0
+
+
 def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBatch, loss_cfg, *,
                micro_batch_size: int, temperature: float = 1.0, compute_entropy: bool = True,
                vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
@@ -214,7 +237,6 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     config = prepare_model_config(model_chunks, optimizer)
     if loss_cfg.aggregation == "seq-mean-token-sum-norm" and loss_cfg.norm_length is None:
         # Dr.GRPO's constant: the batch's own length, not the layout-dependent padded length.
-        import dataclasses
         loss_cfg = dataclasses.replace(loss_cfg, norm_length=batch.seq_length)
     batch = batch.pad_to(_pad_multiple(config))
     micro_batches = batch.micro_batches(micro_batch_size)
@@ -236,6 +258,11 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     normalizer = float(counts[1] if seq_mode else counts[0])
     scale = 1.0 if getattr(config, "calculate_per_token_loss", False) else float(n_mb * dp)
 
+    # Non-finite advantages are bad input (an error). Log-probs come from the model (old ones
+    # from a forward pass): when they are non-finite the loss is, and the update is skipped.
+    _check_batch_finite(batch)
+    model_loss_cfg = dataclasses.replace(loss_cfg, check_finite=False)
+
     def loss_builder(idx, mb, tokens, logits):
         _check_layout(logits, tokens)
         logits = _mask_vocab_padding(logits, vocab_size)
@@ -250,7 +277,7 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
         adv = mb.advantages.to(dev)
         if adv.dim() == 2:
             adv = shift_left(adv)
-        loss, metrics = policy_loss(loss_cfg, logp, old, adv, mask, normalizer=normalizer)
+        loss, metrics = policy_loss(model_loss_cfg, logp, old, adv, mask, normalizer=normalizer)
         stats = _policy_stats(metrics)
         maskd = mask.double()
         n = maskd.sum()
@@ -267,7 +294,13 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     optimizer.zero_grad()
     stats_list = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder),
                            forward_only=False, config=config)
-    update_successful, grad_norm, _ = optimizer.step()
+    if _grads_finite(model_chunks):
+        update_successful, grad_norm, _ = optimizer.step()
+    else:  # a non-finite loss or gradient anywhere: skip the update on every rank
+        update_successful, grad_norm = False, float("nan")
+        for chunk in model_chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
 
     metrics = _reduce_stats(stats_list) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
     metrics = _broadcast_from_last_stage(metrics)

@@ -86,6 +86,30 @@ def run_layout(name, out, **over):
     return tr, rows
 
 
+def nonfinite_updates_are_skipped(root):
+    """NaN logits in the trainer's forward (a hook on the output layer; the engine is untouched):
+    the update is skipped with the weights unchanged, and the run aborts after
+    algo.max_skipped_steps such steps."""
+    from megatron_dgpo.model.builder import unwrap_model
+    from megatron_dgpo.trainer import TooManySkippedSteps
+
+    tr = trainer(make_cfg(os.path.join(root, "nan"), **{"algo.steps": 5, "algo.max_skipped_steps": 2}))
+    before = [p.detach().clone() for c in tr.policy.chunks for p in c.parameters()]
+    last = unwrap_model(tr.policy.chunks)[-1]
+    hook = last.output_layer.register_forward_hook(lambda m, i, out: (out[0] * float("nan"), *out[1:]))
+    row = tr.step(0)
+    same = all(torch.equal(a, p) for a, p in zip(before, (p for c in tr.policy.chunks for p in c.parameters())))
+    try:
+        tr.step(1)
+        aborted = False
+    except TooManySkippedSteps:
+        aborted = True
+    hook.remove()
+    tr.close()
+    check("nonfinite_update_skipped", "non-finite" in str(row.get("skipped")) and same and aborted,
+          {"skipped": row.get("skipped"), "weights_unchanged": same, "aborted": aborted})
+
+
 def resume_same_trajectory(root):
     full_dir, part_dir = os.path.join(root, "full"), os.path.join(root, "part")
     full = trainer(make_cfg(full_dir, **{"algo.steps": 4}))
@@ -117,6 +141,7 @@ def main():
         ("pp2", lambda r: run_layout("pp2", os.path.join(r, "pp2"), **{
             "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 2})),
         ("resume", lambda r: resume_same_trajectory(os.path.join(r, "resume"))),
+        ("nonfinite", nonfinite_updates_are_skipped),
     ):
         try:
             fn(root)

@@ -22,7 +22,7 @@ from weight_sync_common import (  # noqa: E402
 
 from megatron_dgpo import distributed as mdist  # noqa: E402
 from megatron_dgpo.model.builder import unwrap_model  # noqa: E402
-from megatron_dgpo.weight_sync._build import build_chunks  # noqa: E402
+from megatron_dgpo.model.builder import build_model_chunks as build_chunks  # noqa: E402
 from megatron_dgpo.weight_sync import (  # noqa: E402
     HFCheckpoint, WeightStreamer, WeightSyncIntegrityError, drain, load_hf_into_megatron, save_megatron_as_hf,
 )
