@@ -28,7 +28,7 @@ loss-demo: setup
 	$(PY) examples/loss_demo.py
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests
 
 plot: setup
 	$(PY) tools/plot_gradient_weights.py --out docs/gradient_weights.png

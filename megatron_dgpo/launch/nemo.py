@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,7 +63,9 @@ def plan_local(config: Optional[str], overrides: Sequence[str], nproc_per_node: 
     """Validate the config, then one torchrun task on this machine (CPU or GPUs)."""
     S.validate(config, overrides, check_paths=True)
     run = _nemo_run()
-    env_vars = {"OMP_NUM_THREADS": "1"}
+    # torchrun must be this interpreter's, also when its virtual environment is not activated.
+    bin_dir = os.path.dirname(sys.executable)
+    env_vars = {"OMP_NUM_THREADS": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     env_vars.update(env or {})
     script = run.Script(path=_local_path(str(S.REPO_ROOT / S.TRAIN_SCRIPT)),
                         args=S.trainer_args(_local_path(config) if config else None, overrides),
