@@ -11,9 +11,16 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
-from megatron_dgpo.config import TrainConfig
-from megatron_dgpo.configio import format_config, load_config
+# Expected on a CPU machine (no Apex / Transformer Engine / CUDA): said once in the README rather
+# than by every rank on every import.
+for _msg in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+             "When using async grad allreduce it is recommended"):
+    warnings.filterwarnings("ignore", message=_msg)
+
+from megatron_dgpo.config import TrainConfig  # noqa: E402
+from megatron_dgpo.configio import format_config, load_config  # noqa: E402
 
 
 def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:

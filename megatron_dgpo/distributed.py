@@ -80,7 +80,7 @@ def initialize(
 
     enable_cpu_backend()
 
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

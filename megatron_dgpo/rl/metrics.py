@@ -66,19 +66,28 @@ def plot_run(metrics_path: str, out_png: str, title: Optional[str] = None) -> st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_metrics(metrics_path) if r.get("kind", "train") == "train"]
+    all_rows = read_metrics(metrics_path)
+    rows = [r for r in all_rows if r.get("kind", "train") == "train"]
+    evals = [r for r in all_rows if r.get("kind") == "eval" and "eval_accuracy" in r]
     steps = [r["step"] for r in rows]
-    panels = [("reward_mean", "reward"), ("entropy", "entropy"), (("ln_frac", "hp_frac"), "LN / HP fraction"),
-              (("w_ln_mean", "w_hp_mean"), "mean W_logp on LN / HP")]
+    # A W mean is undefined on steps without LN (HP) tokens: leave a gap rather than draw a 0.
+    count_of = {"w_ln_mean": "ln_tokens", "w_hp_mean": "hp_tokens"}
+
+    def series(key):
+        return [r.get(key, float("nan")) if r.get(count_of.get(key, ""), 1) else float("nan") for r in rows]
+
+    panels = [(("reward_mean",), "reward (rollouts) and held-out accuracy"), (("entropy",), "entropy"),
+              (("ln_frac", "hp_frac"), "LN / HP fraction"), (("w_ln_mean", "w_hp_mean"), "mean W_logp on LN / HP")]
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), constrained_layout=True)
     for ax, (keys, label) in zip(axes, panels):
-        for key in (keys if isinstance(keys, tuple) else (keys,)):
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".", label=key)
+        for key in keys:
+            ax.plot(steps, series(key), marker=".", label=key)
+        if keys == ("reward_mean",) and evals:
+            ax.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "s-", label="held-out accuracy")
         ax.set_xlabel("RL step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-        if isinstance(keys, tuple):
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.savefig(out_png, dpi=100)

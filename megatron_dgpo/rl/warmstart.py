@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from megatron_dgpo.configio import config_to_dict
 from megatron_dgpo.train import pad_sequences, train_step
@@ -45,13 +46,16 @@ def run_sft(policy, examples, tokenizer, cfg, log=print) -> list[float]:
     ws = cfg.warmstart
     nll_loss = PolicyLossConfig(name="cispo")
     losses = []
+    bar = tqdm(total=ws.sft_steps, desc="warm start", disable=dist.is_initialized() and dist.get_rank() != 0)
     for i, batch in enumerate(sft_batches(examples, tokenizer, ws.sft_batch_size, ws.sft_steps, cfg.seed)):
         local = batch.dp_shard()
         m = train_step(policy.chunks, policy.optimizer, local, nll_loss, micro_batch_size=policy.micro_batch(local),
                        lr=ws.sft_lr, compute_entropy=False)
         losses.append(m["loss"])
-        if (i + 1) % max(1, ws.sft_steps // 5) == 0:
-            log(f"warm start step {i + 1}/{ws.sft_steps}: nll {m['loss']:.4f}")
+        bar.update(1)
+        bar.set_postfix(nll=f"{m['loss']:.3f}")
+    bar.close()
+    log(f"warm start: answer-token NLL {losses[0]:.3f} -> {losses[-1]:.3f}")
     return losses
 
 

@@ -1,6 +1,7 @@
 """Helpers shared by the weight_sync tests and torchrun workers (tiny random HF models)."""
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import torch
@@ -88,3 +89,25 @@ def reference_inference_shards(cfg: ModelConfig, sd: dict[str, torch.Tensor], tp
         else:
             out[name] = t
     return out
+
+
+RESULTS: dict = {}
+
+
+def check(name, fn):
+    """Run check `fn` on every rank; it passes only if it passes everywhere (rank 0 reports)."""
+    import torch.distributed as dist
+
+    try:
+        res = fn()
+        ok, detail = (res if isinstance(res, tuple) else (bool(res), ""))
+    except Exception:  # noqa: BLE001
+        ok, detail = False, traceback.format_exc()[-3000:]
+    allres = [None] * dist.get_world_size()
+    dist.all_gather_object(allres, (bool(ok), detail, dist.get_rank()))
+    bad = [r for r in allres if not r[0]]
+    if bad:
+        detail = f"rank {bad[0][2]}: {bad[0][1]}"
+    else:
+        detail = "; ".join(sorted({f"{d}" for _, d, _ in allres if d}))[:500]
+    RESULTS[name] = {"ok": not bad, "detail": detail}

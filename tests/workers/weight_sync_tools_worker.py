@@ -6,20 +6,18 @@ import importlib.util
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from weight_sync_common import hf_state, save_hf_model, tiny_config  # noqa: E402
+from weight_sync_common import RESULTS, check, hf_state, save_hf_model, tiny_config  # noqa: E402
 
 from megatron_dgpo import distributed as mdist  # noqa: E402
 from megatron_dgpo.weight_sync import CheckpointError  # noqa: E402
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
-RESULTS: dict = {}
 
 
 def _tool(name):
@@ -27,18 +25,6 @@ def _tool(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def check(name, fn):
-    try:
-        res = fn()
-        ok, detail = (res if isinstance(res, tuple) else (bool(res), ""))
-    except Exception:  # noqa: BLE001
-        ok, detail = False, traceback.format_exc()[-3000:]
-    allres = [None] * dist.get_world_size()
-    dist.all_gather_object(allres, (bool(ok), detail, dist.get_rank()))
-    bad = [r for r in allres if not r[0]]
-    RESULTS[name] = {"ok": not bad, "detail": f"rank {bad[0][2]}: {bad[0][1]}" if bad else allres[0][1]}
 
 
 def main():

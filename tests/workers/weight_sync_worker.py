@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from weight_sync_common import (  # noqa: E402
-    VARIANTS, hf_state, load_hf_from_tensors, reference_inference_shards, save_hf_model, tiny_config,
+    RESULTS, VARIANTS, check, hf_state, load_hf_from_tensors, reference_inference_shards, save_hf_model, tiny_config,
 )
 
 from megatron_dgpo import distributed as mdist  # noqa: E402
@@ -28,23 +27,6 @@ from megatron_dgpo.weight_sync import (  # noqa: E402
 )
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
-RESULTS: dict = {}
-
-
-def check(name, fn):
-    try:
-        res = fn()
-        ok, detail = (res if isinstance(res, tuple) else (bool(res), ""))
-    except Exception:  # noqa: BLE001
-        ok, detail = False, traceback.format_exc()[-3000:]
-    allres = [None] * dist.get_world_size()
-    dist.all_gather_object(allres, (bool(ok), detail, dist.get_rank()))
-    bad = [r for r in allres if not r[0]]
-    if bad:
-        detail = f"rank {bad[0][2]}: {bad[0][1]}"
-    else:
-        detail = "; ".join(sorted({f"{d}" for _, d, _ in allres if d}))[:500]
-    RESULTS[name] = {"ok": not bad, "detail": detail}
 
 
 def build(cfg):
