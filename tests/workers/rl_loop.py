@@ -1,8 +1,9 @@
 """torchrun worker (2 processes): the RL loop end to end on the embedded engine.
 
-For TP=2 and PP=2: a couple of RL steps run, metrics.jsonl has the contract's columns, and after
-every weight sync the engine's log-probs equal the trainer's (Megatron) log-probs. With TP=2:
-save at step 2, resume in a fresh trainer, continue: identical to the uninterrupted run.
+For TP=2 and PP=2 (with TIS and rollout old log-probs): a couple of RL steps run, metrics.jsonl
+has the contract's columns, and after every weight sync the engine's log-probs equal the
+trainer's (Megatron) log-probs. With TP=2: save at step 2, resume in a fresh trainer, continue:
+identical to the uninterrupted run; NaN logits skip the update and abort the run in time.
 """
 from __future__ import annotations
 
@@ -138,8 +139,11 @@ def main():
     root = os.path.dirname(os.path.abspath(args.out))  # the launcher's temp dir, the same for all ranks
     for name, fn in (
         ("tp2", lambda r: run_layout("tp2", os.path.join(r, "tp2"))),
+        # PP=2 also runs the truncated-IS correction (per-token advantages) and old log-probs
+        # taken from the rollout engine.
         ("pp2", lambda r: run_layout("pp2", os.path.join(r, "pp2"), **{
-            "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 2})),
+            "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 2,
+            "algo.tis_cap": 2.0, "algo.old_logp_source": "rollout"})),
         ("resume", lambda r: resume_same_trajectory(os.path.join(r, "resume"))),
         ("nonfinite", nonfinite_updates_are_skipped),
     ):

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# GPU checks in one run (< 10 minutes on one H100): the GPU/TE-marked tests and the CUDA benchmarks.
+#
+#   bash tools/gpu_check.sh [OUT_DIR]
+#
+# Needs python3 with CUDA torch. megatron-core and the package's pure-Python dependencies are taken
+# from wheels in .whl/ when present (a GPU machine without registry access), else from the current
+# environment. Everything printed also goes to OUT_DIR/gpu_check.log (default ./gpu_check_out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_check_out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 - <<'PY'
+import torch, importlib
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
+for m in ("megatron.core", "transformer_engine", "sglang", "triton"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"))
+    except Exception as e:  # noqa: BLE001
+        print(m, "not available:", type(e).__name__)
+PY
+
+status=0
+echo "== GPU-marked tests"
+timeout 300 python3 -m pytest -q -m "gpu or te" tests/test_ops_logprobs.py tests/test_megatron_fp8.py \
+  tests/test_rollout_hf.py -p no:cacheprovider || status=1
+echo "== loss library on CUDA (float32 / bfloat16 inputs)"
+python3 - <<'PY' || status=1
+import torch
+from megatron_dgpo.loss import PolicyLossConfig, policy_loss, registered_losses
+for name in registered_losses():
+    for dt in (torch.float32, torch.bfloat16):
+        lp = (-torch.rand(8, 64, device="cuda") * 3).to(dt).requires_grad_()
+        old = lp.detach().float() + torch.randn(8, 64, device="cuda") * 0.5
+        loss, m = policy_loss(PolicyLossConfig(name=name), lp, old, torch.randn(8, device="cuda"),
+                              torch.ones(8, 64, dtype=torch.bool, device="cuda"))
+        loss.backward()
+        assert torch.isfinite(lp.grad.float()).all(), (name, dt)
+print("policy losses finite on CUDA: ok")
+PY
+echo "== bench_logprob (CUDA, bf16)"
+timeout 240 python3 tools/bench_logprob.py --device cuda --dtype bf16 || status=1
+echo "== bench_weight_sync (CUDA)"
+timeout 120 python3 tools/bench_weight_sync.py --device cuda --reps 3 || status=1
+echo "gpu_check status: $status"
+exit $status
