@@ -1,10 +1,12 @@
-"""The RL loop end to end on CPU (embedded engine, gloo, 2 processes): TP=2, PP=2, resume."""
+"""The RL loop end to end on CPU (embedded engine, gloo, 2 processes): TP=2, PP=2, DP=2, resume,
+non-finite updates."""
 import pytest
 
 from tests.torchrun_util import run_torchrun
 
 CHECKS = ["tp2_engine_equals_trainer", "tp2_metrics_columns", "tp2_trained",
           "pp2_engine_equals_trainer", "pp2_metrics_columns", "pp2_trained",
+          "dp2_engine_equals_trainer", "dp2_metrics_columns", "dp2_trained",
           "resume_continues_same_trajectory", "nonfinite_update_skipped"]
 
 

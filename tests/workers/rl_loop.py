@@ -1,8 +1,8 @@
 """torchrun worker (2 processes): the RL loop end to end on the embedded engine.
 
-For TP=2 and PP=2 (with TIS and rollout old log-probs): a couple of RL steps run, metrics.jsonl
-has the contract's columns, and after every weight sync the engine's log-probs equal the
-trainer's (Megatron) log-probs. With TP=2: save at step 2, resume in a fresh trainer, continue:
+For TP=2, PP=2 (with TIS and rollout old log-probs) and DP=2 (3 mini-batches: padded rows): a
+couple of RL steps run, metrics.jsonl has the contract's columns, and after every weight sync the
+engine's log-probs equal the trainer's (Megatron) log-probs. With TP=2: save at step 2, resume in a fresh trainer, continue:
 identical to the uninterrupted run; NaN logits skip the update and abort the run in time.
 """
 from __future__ import annotations
@@ -144,6 +144,8 @@ def main():
         ("pp2", lambda r: run_layout("pp2", os.path.join(r, "pp2"), **{
             "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 2,
             "algo.tis_cap": 2.0, "algo.old_logp_source": "rollout"})),
+        ("dp2", lambda r: run_layout("dp2", os.path.join(r, "dp2"), **{
+            "parallel.tensor_model_parallel_size": 1, "algo.mini_batches": 3})),
         ("resume", lambda r: resume_same_trajectory(os.path.join(r, "resume"))),
         ("nonfinite", nonfinite_updates_are_skipped),
     ):
