@@ -19,28 +19,10 @@ from megatron_dgpo.ops import default_chunk_size, vocab_parallel_logprobs
 sys.path.insert(0, str(Path(__file__).parent))
 from torchrun_util import run_torchrun  # noqa: E402
 
+from tests.logprob_reference import reference  # noqa: E402
+
 EPS32 = torch.finfo(torch.float32).eps
 NEG_INF = float("-inf")
-
-
-def reference(logits, target, temperature, g1=None, g2=None):
-    """float64 reference: (logp, entropy, d(g1.logp + g2.H)/d logits)."""
-    z = (logits.double() / temperature).detach().requires_grad_(True)
-    ls = torch.log_softmax(z, dim=-1)
-    logp = ls.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    safe = torch.where(torch.isfinite(ls), ls, torch.zeros_like(ls))  # 0 * -inf := 0, NaN-free grad
-    ent = -(ls.exp() * safe).sum(-1)
-    loss = torch.zeros((), dtype=torch.float64)
-    if g1 is not None:
-        loss = loss + (logp * g1.double()).sum()
-    if g2 is not None:
-        loss = loss + (ent * g2.double()).sum()
-    if loss.requires_grad:
-        loss.backward()
-        grad = z.grad / temperature
-    else:
-        grad = torch.zeros_like(z)
-    return logp.detach(), ent.detach(), grad
 
 
 def value_tol(logits, temperature):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dgpo.ops import vocab_parallel_logprobs
+from tests.logprob_reference import reference
 
 V = 96  # divisible by 2 and 4
 LEAD = (2, 53)  # 106 tokens >= V, so every valid id appears as a target; 106 % 7 != 0
@@ -35,22 +36,6 @@ def make_case(seed: int, dtype: torch.dtype, pad: int):
     g1 = torch.randn(LEAD, generator=g)
     g2 = torch.randn(LEAD, generator=g)
     return logits, target, g1, g2
-
-
-def reference(logits, target, temperature, g1, g2):
-    """float64 log_softmax reference: (logp, entropy, grad wrt logits) for loss g1.logp + g2.H."""
-    z = (logits.double() / temperature).detach().requires_grad_(True)
-    ls = torch.log_softmax(z, dim=-1)
-    logp = ls.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    safe = torch.where(torch.isfinite(ls), ls, torch.zeros_like(ls))
-    ent = -(ls.exp() * safe).sum(-1)
-    loss = torch.zeros((), dtype=torch.float64)
-    if g1 is not None:
-        loss = loss + (logp * g1.double()).sum()
-    if g2 is not None:
-        loss = loss + (ent * g2.double()).sum()
-    loss.backward()
-    return logp.detach(), ent.detach(), z.grad / temperature
 
 
 def tolerances(logits, temperature, dtype):
