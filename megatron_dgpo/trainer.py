@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron_dgpo.advantage import group_advantages, tis_weights
 from megatron_dgpo.config import TrainConfig
 from megatron_dgpo.rl import rollout_stage
-from megatron_dgpo.rl.engines import build_engine, sync_weights
+from megatron_dgpo.rl.engines import EngineMemory, build_engine, sync_weights
 from megatron_dgpo.rl.evaluate import evaluate
 from megatron_dgpo.rl.metrics import MetricsLogger, plot_run
 from megatron_dgpo.rl.policy import Policy
@@ -73,6 +73,7 @@ class RLTrainer:
             self.policy.load_hf(folder)
 
         self.engine, self.distributed_rollout = build_engine(cfg, self.tokenizer, self.rank)
+        self.engine_memory = EngineMemory(cfg, self.engine)
         self.sync(self.start_step)
         self.reward_fn = _reward_fn(cfg, self.rank)
         self.logger = MetricsLogger(str(self.out), enabled=self.rank == 0, tensorboard=cfg.tensorboard,
@@ -85,7 +86,8 @@ class RLTrainer:
         self.skipped = 0
 
     def sync(self, version: int) -> None:
-        sync_weights(self.policy, self.engine, version=version, distributed=self.distributed_rollout)
+        sync_weights(self.policy, self.engine, version=version, distributed=self.distributed_rollout,
+                     memory=self.engine_memory)
 
     def evaluate(self, step: int) -> dict:
         m = evaluate(self.engine, self.reward_fn, self.tokenizer, self.eval_set.examples, self.cfg,
@@ -114,6 +116,7 @@ class RLTrainer:
         if int(keep.sum()) == 0:
             row["skipped"] = "no group with reward variance"
         else:
+            self.engine_memory.release()
             batch = build_batch(ro, adv, keep, self.pad_id, multiple=_dp_size() * algo.mini_batches)
             batch, gap = _with_old_logp(self.policy, batch, cfg, self.temperature)
             if algo.tis_cap is not None:

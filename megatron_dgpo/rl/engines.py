@@ -1,4 +1,4 @@
-"""Which rollout engine a run uses, and how new weights reach it."""
+"""Which rollout engine a run uses, how new weights reach it, and when it frees GPU memory."""
 from __future__ import annotations
 
 import torch
@@ -25,16 +25,44 @@ def build_engine(cfg, tokenizer, rank: int):
     return sglang_engine.from_train_config(cfg, tokenizer), False
 
 
-def sync_weights(policy, engine, version: int, distributed: bool) -> None:
+class EngineMemory:
+    """A colocated engine (in-process SGLang, or the embedded engine on a GPU) gives its GPU
+    memory back while the trainer computes log-probs and updates, and takes it again around the
+    weight sync: weights first (they are being overwritten), the KV cache after. Engines on other
+    nodes (SGLang server mode) and CPU engines keep theirs."""
+
+    def __init__(self, cfg, engine):
+        ro = cfg.rollout
+        colocated = (ro.engine == "sglang" and ro.sglang.mode == "colocated") or \
+            (ro.engine == "embedded" and torch.cuda.is_available())
+        self.engine = engine if colocated else None
+        self.released: set[str] = set()
+
+    def release(self) -> None:
+        if self.engine is not None and not self.released:
+            self.released = {"weights", "kv_cache"}
+            self.engine.release_memory(sorted(self.released))
+
+    def resume(self, tag: str) -> None:
+        if tag in self.released:
+            self.engine.resume_memory([tag])
+            self.released.discard(tag)
+
+
+def sync_weights(policy, engine, version: int, distributed: bool, memory: EngineMemory | None = None) -> None:
     """Stream the trainer's weights in HF layout to the engine(s); every rank takes part."""
     from megatron_dgpo.weight_sync import drain
 
+    if memory is not None:
+        memory.resume("weights")
     if distributed:
         engine.update_weights(policy.stream_weights(receivers=None), version=version)
-        return
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    stream = policy.stream_weights(receivers=[0])
-    if rank == 0:
-        engine.update_weights(stream, version=version)
     else:
-        drain(stream)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        stream = policy.stream_weights(receivers=[0])
+        if rank == 0:
+            engine.update_weights(stream, version=version)
+        else:
+            drain(stream)
+    if memory is not None:
+        memory.resume("kv_cache")
