@@ -65,12 +65,13 @@ class RLTrainer:
             self.start_step = checkpoint.load_checkpoint(resume_from, self.policy.chunks, self.policy.optimizer)
             self.sampler.load_state_dict(int(checkpoint.read_meta(resume_from)["extra"]["sampler"]))
             self.say(f"resumed from {resume_from} at RL step {self.start_step}")
-        elif cfg.warmstart.init_hf_path:
-            self.policy.load_hf(cfg.warmstart.init_hf_path)
-        elif cfg.warmstart.sft_steps > 0:
-            folder = warm_start(self.policy, self.train_set.examples, self.tokenizer, cfg, self.say)
-            self.policy = Policy(cfg)  # fresh optimizer state for RL
-            self.policy.load_hf(folder)
+        else:
+            if cfg.warmstart.init_hf_path:
+                self.policy.load_hf(cfg.warmstart.init_hf_path)
+            if cfg.warmstart.sft_steps > 0:  # from the HF weights when both are given
+                folder = warm_start(self.policy, self.train_set.examples, self.tokenizer, cfg, self.say)
+                self.policy = Policy(cfg)  # fresh optimizer state for RL
+                self.policy.load_hf(folder)
 
         self.engine, self.distributed_rollout = build_engine(cfg, self.tokenizer, self.rank)
         self.engine_memory = EngineMemory(cfg, self.engine)

@@ -134,3 +134,10 @@ def test_register_loss_extends_registry():
             register_loss("vanilla_is_test")(vanilla)
     finally:
         _REGISTRY.pop("vanilla_is_test")
+
+
+def test_weight_metric_is_zero_where_the_clamp_blocks_the_gradient():
+    # DGPO HP token with log r = 25 > 20: no gradient, so its W_logp (and w_hp_mean) is 0.
+    loss, metrics, grad = _run("dgpo", torch.tensor([[0.0]]), torch.tensor([[-25.0]]), torch.tensor([1.0]))
+    assert float(grad) == 0.0
+    assert float(metrics["hp_tokens"]) == 1 and float(metrics["w_hp_mean"]) == 0.0

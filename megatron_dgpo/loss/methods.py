@@ -56,7 +56,9 @@ def dgpo(cfg, ctx: TokenContext) -> TokenTerms:
     lr_hp = torch.where(ctx.hp, ctx.clamped_log_ratio, 0.0)
     s_hp = torch.exp(lr_hp - sg(lr_hp) / m + log_u / m)  # value and W_logp: U^(1/m) r^(1-1/m)
     s = torch.where(ctx.ln, s_ln, torch.where(ctx.hp, s_hp, ctx.ratio))
-    w = torch.where(ctx.ln, sg(s_ln), torch.where(ctx.hp, sg(s_hp), _ratio_weight(ctx)))
+    # Beyond the clamp the HP branch carries no gradient, so its weight is 0 there.
+    w_hp = torch.where(_clamp_passes(ctx), sg(s_hp), 0.0)
+    w = torch.where(ctx.ln, sg(s_ln), torch.where(ctx.hp, w_hp, _ratio_weight(ctx)))
     dual = _dual_set(cfg, ctx)
     loss, w = _apply_dual(cfg, ctx, -ctx.adv * s, w, dual)
     return TokenTerms(loss=loss, w_logp=w, dual=dual)

@@ -41,9 +41,18 @@ class Policy:
 
     # ---- log-probs and updates ------------------------------------------------------------------
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-        """[B, S] token-aligned log-probs of the whole batch, identical on every rank."""
-        logp, _ = forward_logprobs(self.chunks, batch, micro_batch_size=self.micro_batch(batch),
+        """[B, S] token-aligned log-probs of the whole batch, identical on every rank: each
+        data-parallel rank computes its share, then they are gathered."""
+        from megatron.core import parallel_state as ps
+
+        dp = ps.get_data_parallel_world_size()
+        local = batch.dp_shard() if dp > 1 else batch
+        logp, _ = forward_logprobs(self.chunks, local, micro_batch_size=self.micro_batch(local),
                                    temperature=temperature)
+        if dp > 1:
+            parts = [torch.empty_like(logp) for _ in range(dp)]
+            torch.distributed.all_gather(parts, logp.contiguous(), group=ps.get_data_parallel_group())
+            logp = torch.cat(parts, 0)
         return logp.cpu()
 
     def update(self, batch: RolloutBatch, *, temperature: float, lr: Optional[float] = None,
@@ -58,6 +67,8 @@ class Policy:
         out = []
         for rows in torch.tensor_split(torch.arange(batch.batch_size), n_mini):
             mini = batch.select(rows)
+            if not bool(mini.loss_mask.any()):
+                continue  # only padding rows: an optimizer step would still move the weights
             if mini.batch_size % dp:
                 raise ValueError(f"mini-batch of {mini.batch_size} sequences does not split over "
                                  f"data-parallel size {dp}: make prompts_per_step * group_size / mini_batches a multiple")
@@ -89,6 +100,9 @@ class Policy:
         from megatron_dgpo.weight_sync import load_hf_into_megatron
 
         load_hf_into_megatron(self.chunks, path, self.cfg.model)
+        # Mixed-precision and distributed optimizers keep fp32 master copies made when they were
+        # built: refresh them, or the first step would write the old weights back.
+        self.optimizer.reload_model_params()
 
     def save_hf(self, path: str, source_dir: Optional[str] = None) -> None:
         from megatron_dgpo.weight_sync import save_megatron_as_hf

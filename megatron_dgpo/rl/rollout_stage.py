@@ -2,6 +2,7 @@
 everywhere, decoded and scored once (on rank 0) so every rank sees the same rewards."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -39,6 +40,8 @@ def generate(engine, prompt_ids: Sequence[list[int]], sampling: SamplingParams, 
     if distributed:
         per = -(-len(prompt_ids) // world)
         lo = min(rank * per, len(prompt_ids))
+        if sampling.seed is not None:  # independent random streams for the ranks' shares
+            sampling = dataclasses.replace(sampling, seed=sampling.seed + lo * sampling.n)
         local = engine.generate(list(prompt_ids[lo:lo + per]), sampling) if lo < len(prompt_ids) else []
         for s in local:
             s.prompt_index += lo

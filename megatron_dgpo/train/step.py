@@ -294,7 +294,9 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     optimizer.zero_grad()
     stats_list = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder),
                            forward_only=False, config=config)
-    if _grads_finite(model_chunks):
+    if normalizer == 0:  # no loss token anywhere: Adam's momentum would still move the weights
+        update_successful, grad_norm = True, 0.0
+    elif _grads_finite(model_chunks):
         update_successful, grad_norm, _ = optimizer.step()
     else:  # a non-finite loss or gradient anywhere: skip the update on every rank
         update_successful, grad_norm = False, float("nan")

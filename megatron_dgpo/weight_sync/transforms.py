@@ -219,7 +219,8 @@ def copy_pieces(dst: torch.Tensor, region: Region, pieces: Sequence[Piece]) -> i
 def inference_region(rule: TensorRule, index: int, cfg: ModelConfig, tp: int, rank: int) -> Region:
     """Region of HF tensor `index` of `rule` held by inference-engine TP rank `rank` of `tp`.
 
-    Convention (vLLM / SGLang style): q/k/v/gate/up (and q/k/v biases) split along dim 0,
+    Convention (vLLM / SGLang style for the projections; their vocabulary split pads V to a multiple
+    of 64 first, which this does not): q/k/v/gate/up (and q/k/v biases) split along dim 0,
     o_proj/down_proj along dim 1, embed_tokens/lm_head along the vocab (dim 0) in blocks of
     ceil(V / tp) rows (the last block may be shorter; the engine pads), norms replicated.
     When tp > num_key_value_heads (tp % num_kv_heads == 0) each rank gets the whole kv head

@@ -111,6 +111,43 @@ def nonfinite_updates_are_skipped(root):
           {"skipped": row.get("skipped"), "weights_unchanged": same, "aborted": aborted})
 
 
+def policy_mechanics(root):
+    """bf16 model: HF weights loaded after the optimizer was built survive its first step (the
+    fp32 master copies are refreshed). A batch without loss tokens takes no optimizer step, even
+    with Adam momentum from an earlier one."""
+    from megatron_dgpo.rl.policy import Policy
+    from megatron_dgpo.train import train_step
+
+    cfg = make_cfg(os.path.join(root, "policy"), **{"parallel.params_dtype": "bfloat16", "optim.lr": 0.0,
+                                                     "algo.mini_batches": 1})
+    from megatron_dgpo import distributed as mdist
+
+    mdist.initialize(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, seed=cfg.seed)
+    src = Policy(cfg)
+    with torch.no_grad():
+        for p in src.chunks[0].parameters():
+            p.add_(0.5)
+    folder = os.path.join(root, "policy", "hf")
+    src.save_hf(folder)
+    dist.barrier()
+    pol = Policy(cfg)
+    pol.load_hf(folder)
+    params = lambda m: [p.detach().float().clone() for c in m.chunks for p in c.parameters()]  # noqa: E731
+    want = params(src)
+    batch = pad_sequences([[1, 2, 3]] * 4, [[4, 5]] * 4, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    pol.update(batch, temperature=1.0, lr=0.0)
+    kept = max(float((a - b).abs().max()) for a, b in zip(params(pol), want))
+    check("bf16_loaded_weights_survive_first_step", kept == 0.0, kept)
+
+    push = pad_sequences([[1, 2, 3]] * 4, [[4, 5]] * 4, torch.ones(4))
+    pol.update(push, temperature=1.0, lr=1e-2)  # a non-zero gradient: builds Adam momentum
+    before = params(pol)
+    empty = pad_sequences([[1, 2, 3]] * 4, [[]] * 4, torch.zeros(4))
+    m = train_step(pol.chunks, pol.optimizer, empty, cfg.loss, micro_batch_size=4, lr=1e-2)
+    moved = max(float((a - b).abs().max()) for a, b in zip(params(pol), before))
+    check("empty_batch_takes_no_step", moved == 0.0 and m["update_successful"] == 1.0, moved)
+
+
 def resume_same_trajectory(root):
     full_dir, part_dir = os.path.join(root, "full"), os.path.join(root, "part")
     full = trainer(make_cfg(full_dir, **{"algo.steps": 4}))
@@ -148,6 +185,7 @@ def main():
             "parallel.tensor_model_parallel_size": 1, "algo.mini_batches": 3})),
         ("resume", lambda r: resume_same_trajectory(os.path.join(r, "resume"))),
         ("nonfinite", nonfinite_updates_are_skipped),
+        ("policy", policy_mechanics),
     ):
         try:
             fn(root)
