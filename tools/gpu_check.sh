@@ -3,9 +3,12 @@
 #
 #   bash tools/gpu_check.sh [OUT_DIR]
 #
-# Needs python3 with CUDA torch. megatron-core and the package's pure-Python dependencies are taken
-# from wheels in .whl/ when present (a GPU machine without registry access), else from the current
-# environment. Everything printed also goes to OUT_DIR/gpu_check.log (default ./gpu_check_out).
+# Needs python3 with CUDA torch (the lent H100/H200 image has torch 2.11, Triton, pytest, hypothesis,
+# transformers, safetensors, tokenizers, pyyaml; not megatron-core). Wheels in .whl/ are installed
+# first (a GPU machine without registry access); fetch megatron-core there beforehand with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
+# and carry .whl with the run. Everything printed also goes to OUT_DIR/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
