@@ -18,7 +18,7 @@ from megatron_dgpo.rl.evaluate import evaluate
 from megatron_dgpo.rl.metrics import MetricsLogger, plot_run
 from megatron_dgpo.rl.policy import Policy
 from megatron_dgpo.rl.setup import load_data, load_tokenizer_for
-from megatron_dgpo.rl.warmstart import warm_start
+from megatron_dgpo.rl.warmstart import is_cached, warm_start
 from megatron_dgpo.rollout import SamplingParams
 from megatron_dgpo.train import pad_sequences
 
@@ -66,11 +66,14 @@ class RLTrainer:
             self.sampler.load_state_dict(int(checkpoint.read_meta(resume_from)["extra"]["sampler"]))
             self.say(f"resumed from {resume_from} at RL step {self.start_step}")
         else:
-            if cfg.warmstart.init_hf_path:
-                self.policy.load_hf(cfg.warmstart.init_hf_path)
-            if cfg.warmstart.sft_steps > 0:  # from the HF weights when both are given
-                folder = warm_start(self.policy, self.train_set.examples, self.tokenizer, cfg, self.say)
-                self.policy = Policy(cfg)  # fresh optimizer state for RL
+            ws = cfg.warmstart
+            sft = ws.sft_steps > 0
+            if ws.init_hf_path and not (sft and is_cached(cfg)):  # SFT starts from the HF weights
+                self.policy.load_hf(ws.init_hf_path)
+            if sft:
+                folder, trained = warm_start(self.policy, self.train_set.examples, self.tokenizer, cfg, self.say)
+                if trained:
+                    self.policy = Policy(cfg)  # fresh optimizer state for RL
                 self.policy.load_hf(folder)
 
         self.engine, self.distributed_rollout = build_engine(cfg, self.tokenizer, self.rank)

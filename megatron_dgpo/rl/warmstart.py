@@ -59,18 +59,24 @@ def run_sft(policy, examples, tokenizer, cfg, log=print) -> list[float]:
     return losses
 
 
-def warm_start(policy, train_examples, tokenizer, cfg, log=print) -> str | None:
-    """Load the cached warm start into `policy` or compute and cache it. Returns the HF folder."""
-    ws = cfg.warmstart
-    if ws.sft_steps <= 0:
-        return None
-    folder = Path(ws.cache_dir) / f"sft-{cache_key(cfg)}"
-    if (folder / "config.json").exists():
+def cache_folder(cfg) -> Path:
+    return Path(cfg.warmstart.cache_dir) / f"sft-{cache_key(cfg)}"
+
+
+def is_cached(cfg) -> bool:
+    return (cache_folder(cfg) / "config.json").exists()
+
+
+def warm_start(policy, train_examples, tokenizer, cfg, log=print) -> tuple[str, bool]:
+    """The HF folder of the warm start, and whether it was trained now: from the cache, or by
+    training `policy` in place and caching the result."""
+    folder = cache_folder(cfg)
+    if is_cached(cfg):
         log(f"warm start: loading cached {folder}")
-    else:
-        log(f"warm start: {ws.sft_steps} supervised steps (cached to {folder})")
-        run_sft(policy, train_examples, tokenizer, cfg, log)
-        policy.save_hf(str(folder))
-        if dist.is_initialized():
-            dist.barrier()
-    return str(folder)
+        return str(folder), False
+    log(f"warm start: {cfg.warmstart.sft_steps} supervised steps (cached to {folder})")
+    run_sft(policy, train_examples, tokenizer, cfg, log)
+    policy.save_hf(str(folder))
+    if dist.is_initialized():
+        dist.barrier()
+    return str(folder), True
