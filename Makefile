@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The tests also exercise the nemo-run launcher and lint the Dockerfile.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,launch,lint]"
+	$(PY) -m pip install -q -e ".[dev,launch,lint,triton]"
 	touch $@
 
 setup: $(VENV)/.installed

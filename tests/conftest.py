@@ -1,7 +1,13 @@
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Without CUDA, Triton kernels (the log-prob op's Triton backend) run in Triton's interpreter; the
+# variable must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _has(mod: str) -> bool:

@@ -2,9 +2,13 @@
 """Benchmark token log-prob (+ entropy) forward+backward on [T, V] logits, TP=1.
 
 Methods, each doing forward and backward with random upstream gradients:
-  dgpo      megatron_dgpo.ops.vocab_parallel_logprobs(with_entropy=True): logp + entropy
+  dgpo      megatron_dgpo.ops.vocab_parallel_logprobs(with_entropy=True): logp + entropy, default
+            backend (Triton on CUDA when triton imports, torch otherwise)
+  dgpo_torch / dgpo_triton   the same op with the backend forced
   naive     float32 torch.log_softmax on the whole logits: logp + entropy
   megatron  megatron.core.tensor_parallel.vocab_parallel_cross_entropy: logp only (= -loss)
+  floor     not a method: the time to read the logits twice and write the gradient once at the
+            device-to-device copy bandwidth measured at the start of the run ("time / floor").
 
 Time: median wall time of `--repeats` fwd+bwd iterations after `--warmup` (CUDA: synchronised).
 Peak extra memory: bytes allocated above the level before the iteration (inputs, target and
@@ -18,7 +22,7 @@ outside the timed/measured region.
 
 Examples:
   python tools/bench_logprob.py --device cpu                       # ~1 min on 2 cores
-  python tools/bench_logprob.py --device cuda --dtype bfloat16     # includes T=16384, V=151936
+  python tools/bench_logprob.py --device cuda --dtype bfloat16     # includes T=16384, V=151936; both backends
   python tools/bench_logprob.py --device cpu --shapes 512:32768 --methods dgpo,naive
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_dgpo.ops import default_chunk_size, vocab_parallel_logprobs  # noqa: E402
+from megatron_dgpo.ops.logprobs import resolve_backend  # noqa: E402
 from megatron_dgpo.ops._memprofile import peak_extra_bytes  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -63,9 +68,12 @@ def init_megatron_world1(device: str) -> bool:
 
 
 def make_methods(chunk_size):
-    def dgpo(logits, target, g1, g2):
-        logp, ent = vocab_parallel_logprobs(logits, target, with_entropy=True, chunk_size=chunk_size)
-        ((logp * g1).sum() + (ent * g2).sum()).backward()
+    def dgpo_with(backend):
+        def run(logits, target, g1, g2):
+            logp, ent = vocab_parallel_logprobs(logits, target, with_entropy=True, chunk_size=chunk_size,
+                                                backend=backend)
+            ((logp * g1).sum() + (ent * g2).sum()).backward()
+        return run
 
     def naive(logits, target, g1, g2):
         ls = torch.log_softmax(logits.float(), dim=-1)
@@ -79,7 +87,23 @@ def make_methods(chunk_size):
         loss = vocab_parallel_cross_entropy(logits, target)
         (-(loss * g1)).sum().backward()
 
-    return {"dgpo": dgpo, "naive": naive, "megatron": megatron}
+    return {"dgpo": dgpo_with(None), "dgpo_torch": dgpo_with("torch"), "dgpo_triton": dgpo_with("triton"),
+            "naive": naive, "megatron": megatron}
+
+
+def copy_bandwidth(device, nbytes):
+    """Bytes moved per second (read + write) by a device-to-device copy of `nbytes`, median of 5."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(7):
+        sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    del a, b
+    return 2 * nbytes / statistics.median(times[2:])
 
 
 def sync(device):
@@ -111,7 +135,8 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     ap.add_argument("--shapes", default=None, help="comma-separated T:V list (default depends on device)")
-    ap.add_argument("--methods", default="dgpo,naive,megatron")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated (default cpu: dgpo,naive,megatron; cuda: dgpo_triton,dgpo_torch,naive,megatron)")
     ap.add_argument("--chunk-size", type=int, default=None, help="rows per chunk for dgpo (default: op's default)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
@@ -128,18 +153,21 @@ def main(argv=None):
     )
     warmup = args.warmup if args.warmup is not None else (3 if device == "cuda" else 1)
     repeats = args.repeats if args.repeats is not None else (10 if device == "cuda" else 3)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    default_methods = "dgpo_triton,dgpo_torch,naive,megatron" if device == "cuda" else "dgpo,naive,megatron"
+    methods = [m.strip() for m in (args.methods or default_methods).split(",") if m.strip()]
     if "megatron" in methods and not init_megatron_world1(device):
         print("megatron-core not importable: skipping the megatron column", file=sys.stderr)
         methods.remove("megatron")
     fns = make_methods(args.chunk_size)
 
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    bw = copy_bandwidth(device, 2**30 if device == "cuda" else 2**28)
     print(f"# vocab log-prob fwd+bwd, {dev_name}, torch {torch.__version__}, dtype {args.dtype}, "
-          f"median of {repeats} after {warmup} warmup")
+          f"median of {repeats} after {warmup} warmup; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     print()
-    print("| T | V | method | outputs | chunk rows | time (ms) | time / naive | peak extra (MiB) | mem / naive | grad itself (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| T | V | method | outputs | chunk rows | time (ms) | time / naive | time / floor | peak extra (MiB) "
+          "| mem / naive | grad itself (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     for t, v in shapes:
         base = (torch.randn(t, v, generator=g) * 2).to(device=device, dtype=dtype)
@@ -169,17 +197,21 @@ def main(argv=None):
             base.requires_grad_(False)
             base.grad = None
         ref = rows.get("naive")
+        floor = 3 * t * v * base.element_size() / bw  # read twice, write the gradient once
         for m in methods:
             r = rows[m]
-            chunk = (args.chunk_size or default_chunk_size(v, device)) if m == "dgpo" else "-"
+            uses_chunks = m == "dgpo_torch" or (m == "dgpo" and resolve_backend(None, base) == "torch")
+            chunk = (args.chunk_size or default_chunk_size(v, device)) if uses_chunks else "-"
             outs = "logp" if m == "megatron" else "logp+entropy"
             if r is None:
-                print(f"| {t} | {v} | {m} | {outs} | {chunk} | failed | - | - | - | {grad_mib:.0f} |")
+                print(f"| {t} | {v} | {m} | {outs} | {chunk} | failed | - | - | - | - | {grad_mib:.0f} |")
                 continue
             sec, peak = r
             tr = f"{sec / ref[0]:.2f}x" if ref else "-"
             mr = f"{peak / ref[1]:.2f}x" if ref and ref[1] else "-"
-            print(f"| {t} | {v} | {m} | {outs} | {chunk} | {sec * 1e3:.1f} | {tr} | {peak / 2**20:.0f} | {mr} | {grad_mib:.0f} |")
+            print(f"| {t} | {v} | {m} | {outs} | {chunk} | {sec * 1e3:.1f} | {tr} | {sec / floor:.1f}x "
+                  f"| {peak / 2**20:.0f} | {mr} | {grad_mib:.0f} |")
+        print(f"| {t} | {v} | floor | - | - | {floor * 1e3:.1f} | - | 1.0x | - | - | - |")
         del base
         sys.stdout.flush()
 

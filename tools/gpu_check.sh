@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# GPU checks in one run (< 10 minutes on one H100): the GPU/TE-marked tests and the CUDA benchmarks.
+# GPU checks in one run (~5 minutes on one H100): the GPU-marked tests, the CPU (gloo) test suite
+# against the megatron-core of this machine, and the CUDA benchmarks.
 #
 #   bash tools/gpu_check.sh [OUT_DIR]
 #
-# Needs python3 with CUDA torch (the lent H100/H200 image has torch 2.11, Triton, pytest, hypothesis,
-# transformers, safetensors, tokenizers, pyyaml; not megatron-core). Wheels in .whl/ are installed
-# first (a GPU machine without registry access); fetch megatron-core there beforehand with
+# Needs python3 with CUDA torch (the lent H100/H200 image has torch 2.11, Triton, pytest,
+# pytest-xdist, hypothesis, transformers, safetensors, tokenizers, pyyaml; not megatron-core or
+# math-verify). Wheels in .whl/ are installed first (a GPU machine without registry access); fetch
+# them here beforehand with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
-# and carry .whl with the run. Everything printed also goes to OUT_DIR/gpu_check.log.
+#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2 math-verify==0.9.0 \
+#       latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
+# and carry .whl with the run. Everything printed goes to OUT_DIR/gpu_check.log, the CPU suite's
+# output to OUT_DIR/cpu_suite.log. Each stage has its own time limit; a failing stage does not stop
+# the others; the exit status is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -21,10 +27,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+nvidia-smi -L
 python3 - <<'PY'
 import torch, importlib
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
-for m in ("megatron.core", "transformer_engine", "sglang", "triton"):
+for m in ("megatron.core", "transformer_engine", "sglang", "triton", "transformers", "math_verify"):
     try:
         mod = importlib.import_module(m)
         print(m, getattr(mod, "__version__", "?"))
@@ -33,9 +40,16 @@ for m in ("megatron.core", "transformer_engine", "sglang", "triton"):
 PY
 
 status=0
+start=$SECONDS
+# The CPU suite (CUDA hidden: gloo, Triton's interpreter) against this machine's megatron-core, in the
+# background while the GPU tests run. nemo-run and hadolint are not on the GPU image.
+CUDA_VISIBLE_DEVICES="" timeout 330 python3 -m pytest -q -n 6 --dist loadfile -p no:cacheprovider tests \
+  --ignore=tests/test_launch.py --ignore=tests/test_docker.py > "$OUT/cpu_suite.log" 2>&1 &
+cpu_pid=$!
+
 echo "== GPU-marked tests"
-timeout 300 python3 -m pytest -q -m "gpu or te" tests/test_ops_logprobs.py tests/test_megatron_fp8.py \
-  tests/test_rollout_hf.py -p no:cacheprovider || status=1
+timeout 300 python3 -m pytest -q -m "gpu or te" -p no:cacheprovider tests/test_ops_logprobs.py \
+  tests/test_megatron_cuda.py tests/test_megatron_fp8.py tests/test_rollout_hf.py || status=1
 echo "== loss library on CUDA (float32 / bfloat16 inputs)"
 python3 - <<'PY' || status=1
 import torch
@@ -50,9 +64,15 @@ for name in registered_losses():
         assert torch.isfinite(lp.grad.float()).all(), (name, dt)
 print("policy losses finite on CUDA: ok")
 PY
+echo "== CPU suite (megatron-core of this machine, CUDA hidden): waiting"
+wait $cpu_pid || status=1
+tail -n 25 "$OUT/cpu_suite.log"
+echo "(elapsed ${SECONDS}s / $((SECONDS - start))s since the tests started)"
+echo "== Triton kernel sweep (T=16384, V=151936, bf16)"
+timeout 120 python3 tools/sweep_triton_logprob.py || status=1
 echo "== bench_logprob (CUDA, bf16)"
 timeout 240 python3 tools/bench_logprob.py --device cuda --dtype bf16 || status=1
 echo "== bench_weight_sync (CUDA)"
 timeout 120 python3 tools/bench_weight_sync.py --device cuda --reps 3 || status=1
-echo "gpu_check status: $status"
+echo "gpu_check status: $status (${SECONDS}s)"
 exit $status

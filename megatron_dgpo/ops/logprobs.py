@@ -39,22 +39,30 @@ logits -inf, or +inf/NaN logits) give NaN/inf logp like torch.log_softmax (their
 are zeroed rather than NaN). Targets outside [0, V) (e.g. an ignore index) give a finite but
 meaningless logp and no one-hot gradient: mask such tokens in the loss.
 
-Implementation: a torch.autograd.Function built from plain torch ops, so it runs unchanged on CPU
-and CUDA. On CUDA the bf16 -> float32 upcast and the float32 -> bf16 store are fused into the
-elementwise kernels; on CPU they go through the reusable buffers (CPU kernels would otherwise
-allocate a temporary per chunk). There is no Triton kernel (no GPU was available to validate one).
-Approximate memory traffic for bf16 logits: forward ~36 bytes/element (max pass, shift, exp, two
-row sums, product), backward ~36 bytes/element; the floor is ~6 (read twice, write the grad).
+Backends (`backend=`, default "auto"):
+* "triton" (auto on CUDA when triton imports): `logprobs_triton.py`, one online-softmax pass per
+  row in forward (reads each logit once) and one fused pass in backward (reads each logit once,
+  writes its gradient once): the memory-traffic floor, no work buffers, `chunk_size` unused. With
+  TP the per-rank (max, sum, entropy sum) are rescaled to the group max between the MAX and the SUM
+  all-reduce (same two collectives).
+* "torch": a torch.autograd.Function built from plain torch ops, so it runs unchanged on CPU and
+  CUDA. On CUDA the bf16 -> float32 upcast and the float32 -> bf16 store are fused into the
+  elementwise kernels; on CPU they go through the reusable buffers (CPU kernels would otherwise
+  allocate a temporary per chunk). Approximate memory traffic for bf16 logits: forward
+  ~36 bytes/element (max pass, shift, exp, two row sums, product), backward ~36 bytes/element; the
+  floor is ~6 (read twice, write the grad).
+Both compute in float32 with the same formulas; they agree to float32 rounding, not bitwise.
 """
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["vocab_parallel_logprobs", "default_chunk_size"]
+__all__ = ["vocab_parallel_logprobs", "default_chunk_size", "resolve_backend", "BACKENDS"]
 
 # Bytes of one float32 work buffer of [chunk, V/TP] (two are live at once). On CUDA a larger chunk
 # keeps the number of kernel launches low (~38 chunks of ~0.2 ms kernels for T=16384, V=151936,
@@ -116,9 +124,33 @@ def _store_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.copy_(a.mul_(b))
 
 
+def _forward_triton(ctx, logits, flat, local_t, owned, group, world, temperature, with_entropy, lead):
+    """Forward through the Triton kernels: one read of the logits, per-rank stats rescaled to the TP max."""
+    from megatron_dgpo.ops import logprobs_triton as tk
+
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    f32 = torch.float32
+    m, s, e = tk.row_stats(flat, temperature, with_entropy)
+    ref, s, e = tk.combine_partial_stats(m, s, e, group, world)
+    zt = flat.gather(1, local_t.unsqueeze(1)).squeeze(1).to(f32) if flat.shape[1] else torch.zeros_like(ref)
+    if temperature != 1.0:
+        zt = zt / temperature
+    xt = torch.where(owned, zt - ref, torch.zeros_like(ref))
+    stats = torch.stack([s, xt, e]) if e is not None else torch.stack([s, xt])
+    if world > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    log_s = stats[0].log()
+    logp = stats[1] - log_s
+    ent = (log_s - stats[2] / stats[0]) if with_entropy else None
+    ctx.save_for_backward(logits, local_t, owned, ref + log_s, ent)
+    logp = logp.view(lead)
+    return logp, (ent.view(lead) if ent is not None else None)
+
+
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, group, world, rank, temperature, with_entropy, chunk):
+    def forward(ctx, logits, target, group, world, rank, temperature, with_entropy, chunk, backend):
         ctx.set_materialize_grads(False)
         vl = logits.shape[-1]
         lead = logits.shape[:-1]
@@ -131,6 +163,12 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         local_t = tgt - rank * vl
         owned = (local_t >= 0) & (local_t < vl)
         local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
+
+        ctx.backend = backend
+        ctx.temperature = temperature
+        ctx.vl = vl
+        if backend == "triton":
+            return _forward_triton(ctx, logits, flat, local_t, owned, group, world, temperature, with_entropy, lead)
 
         t_div = None if temperature == 1.0 else torch.full((1, 1), temperature, dtype=f32, device=dev)
 
@@ -168,9 +206,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         logp = stats[1] - log_s
         ent = (log_s - stats[2] / stats[0]) if with_entropy else None  # log S - sum_k p_k (z_k - m)
 
-        ctx.temperature = temperature
         ctx.chunk = c
-        ctx.vl = vl
         # Backward needs log p = z - lse with lse = m + log S per token, and H.
         ctx.save_for_backward(logits, local_t, owned, m + log_s, ent)
         logp = logp.view(lead)
@@ -182,8 +218,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         logits, local_t, owned, lse, ent = ctx.saved_tensors
         if g_logp is None and g_ent is None:
-            return (None,) * 8
-        vl, c, temperature = ctx.vl, ctx.chunk, ctx.temperature
+            return (None,) * 9
+        vl, temperature = ctx.vl, ctx.temperature
         flat = logits.reshape(-1, vl)
         n = flat.shape[0]
         dev = logits.device
@@ -206,6 +242,17 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             coef_y = ((-it) * g2).unsqueeze(1)
         coef_c = (coef_c * it).unsqueeze(1)
         onehot = torch.where(owned, g1 * it, torch.zeros_like(g1)) if g1 is not None else None
+        if ctx.backend == "triton":
+            from megatron_dgpo.ops import logprobs_triton as tk
+
+            if flat.stride(-1) != 1:
+                flat = flat.contiguous()
+            grad = tk.row_grad(flat, lse, coef_c.squeeze(1).contiguous(),
+                               coef_y.squeeze(1).contiguous() if g2 is not None else torch.zeros_like(lse),
+                               onehot if onehot is not None else torch.zeros_like(lse),
+                               torch.where(owned, local_t, torch.full_like(local_t, -1)), temperature, logits.dtype)
+            return (grad.view(logits.shape),) + (None,) * 8
+        c = ctx.chunk
 
         grad = torch.empty((n, vl), dtype=logits.dtype, device=dev)
         direct = grad.dtype == f32  # float32: work inside the gradient itself, one buffer fewer
@@ -241,7 +288,37 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 out.index_put_((rows, idx.squeeze(1)), (pw_t + onehot[s:e].unsqueeze(1)).squeeze(1).to(out.dtype))
             # Masked (-inf) entries: p = 0 but y = -inf gives 0 * inf = NaN; their gradient is 0.
             out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        return grad.view(logits.shape), None, None, None, None, None, None, None
+        return (grad.view(logits.shape),) + (None,) * 8
+
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "MEGATRON_DGPO_LOGPROB_BACKEND"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str | None, logits: torch.Tensor) -> str:
+    """The implementation that runs for these logits: "torch" or "triton" (see vocab_parallel_logprobs)."""
+    choice = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    if choice not in BACKENDS:
+        src = "backend" if backend is not None else f"${BACKEND_ENV}"
+        raise ValueError(f"{src} must be one of {BACKENDS}, got {choice!r}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if choice == "auto":
+        return "triton" if logits.is_cuda and _triton_available() else "torch"
+    if choice == "triton":
+        if not _triton_available():
+            raise ImportError("the Triton log-prob backend needs triton: pip install 'megatron-dgpo[triton]'")
+        if not logits.is_cuda and not interpreted:
+            raise ValueError(f"the Triton log-prob backend needs CUDA logits (got {logits.device}); "
+                             "set TRITON_INTERPRET=1 before importing triton to run it in Triton's interpreter")
+    return choice
 
 
 def vocab_parallel_logprobs(
@@ -251,6 +328,7 @@ def vocab_parallel_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-prob of `target` (and entropy) under softmax(logits / temperature).
 
@@ -261,7 +339,11 @@ def vocab_parallel_logprobs(
             `parallel_state.model_parallel_is_initialized()`, else no parallelism.
         temperature: logits are divided by it (match the sampler's temperature). Must be > 0.
         with_entropy: also return the entropy of the (tempered) distribution.
-        chunk_size: tokens per chunk; None picks `default_chunk_size(V/TP, device)`.
+        chunk_size: tokens per chunk of the torch backend; None picks `default_chunk_size(V/TP, device)`.
+            The Triton backend has no work buffers and ignores it.
+        backend: "torch", "triton" or "auto" (None: $MEGATRON_DGPO_LOGPROB_BACKEND, else "auto").
+            "auto" is Triton for CUDA logits when triton imports, torch otherwise. "triton" on CPU
+            tensors needs TRITON_INTERPRET=1 (Triton's interpreter, for tests).
 
     Returns:
         `(logp, entropy)`: float32 tensors of shape `logits.shape[:-1]`, identical on every TP
@@ -288,6 +370,6 @@ def vocab_parallel_logprobs(
         world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(logits.shape[-1], logits.device)
     logp, ent = _VocabParallelLogprobs.apply(
-        logits, target, group, world, rank, temperature, bool(with_entropy), chunk
+        logits, target, group, world, rank, temperature, bool(with_entropy), chunk, resolve_backend(backend, logits)
     )
     return logp, (ent if with_entropy else None)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
+import os
 import traceback
 
 import torch
@@ -23,10 +25,10 @@ CHUNKS = (7, None)
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def make_case(seed: int, dtype: torch.dtype, pad: int):
+def make_case(seed: int, dtype: torch.dtype, pad: int, offset: float = 0.0):
     """Full logits [*LEAD, V] (ids >= V - pad are -inf padding) and targets covering every valid id."""
     g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(*LEAD, V, generator=g) * 3.0).to(dtype)
+    logits = (torch.randn(*LEAD, V, generator=g) * 3.0 + offset).to(dtype)
     n = LEAD[0] * LEAD[1]
     valid = V - pad
     if pad:
@@ -38,11 +40,13 @@ def make_case(seed: int, dtype: torch.dtype, pad: int):
     return logits, target, g1, g2
 
 
-def tolerances(logits, temperature, dtype):
+def tolerances(logits, temperature, dtype, backend=None):
     finite = logits[torch.isfinite(logits)].double().abs()
     zmax = float(finite.max()) / temperature if finite.numel() else 0.0
     val_tol = 1e-5 + 8 * EPS32 * zmax
-    grad_rtol = 1e-4 + (2.0**-8 if dtype == torch.bfloat16 else 0.0)
+    # Triton's interpreter truncates float32 -> bfloat16 (one ulp) where the GPU rounds (half an ulp).
+    bf16 = 2.0**-7 if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" else 2.0**-8
+    grad_rtol = 1e-4 + (bf16 if dtype == torch.bfloat16 else 0.0)
     return val_tol, grad_rtol
 
 
@@ -57,9 +61,10 @@ def compare(name, got, ref, atol, rtol=0.0):
     return ok, f"{name}: max_err={float(err.max()) if err.numel() else 0.0:.3g} nan={bad} inf_match={ok_inf}"
 
 
-def run_case(group, tp, tp_rank, dtype, temperature, chunk, pad, seed, mode="both", tp_group_arg="explicit"):
+def run_case(group, tp, tp_rank, dtype, temperature, chunk, pad, seed, mode="both", tp_group_arg="explicit",
+             backend=None, offset=0.0):
     """One op call on this rank's shard vs the reference; returns (ok, detail, logp, ent)."""
-    logits, target, g1, g2 = make_case(seed, dtype, pad)
+    logits, target, g1, g2 = make_case(seed, dtype, pad, offset)
     if mode == "logp":
         g2 = None
     elif mode == "entropy":
@@ -67,7 +72,7 @@ def run_case(group, tp, tp_rank, dtype, temperature, chunk, pad, seed, mode="bot
     vl = V // tp
     shard = logits[..., tp_rank * vl:(tp_rank + 1) * vl].clone().requires_grad_(True)
     before = shard.detach().clone()
-    kwargs = dict(temperature=temperature, with_entropy=(mode != "logp"), chunk_size=chunk)
+    kwargs = dict(temperature=temperature, with_entropy=(mode != "logp"), chunk_size=chunk, backend=backend)
     if tp_group_arg == "explicit":
         kwargs["tp_group"] = group
     logp, ent = vocab_parallel_logprobs(shard, target, **kwargs)
@@ -79,7 +84,7 @@ def run_case(group, tp, tp_rank, dtype, temperature, chunk, pad, seed, mode="bot
     loss.backward()
 
     r_logp, r_ent, r_grad = reference(logits, target, temperature, g1, g2)
-    val_tol, grad_rtol = tolerances(logits, temperature, dtype)
+    val_tol, grad_rtol = tolerances(logits, temperature, dtype, backend)
     gscale = max(float(g.abs().max()) for g in (g1, g2) if g is not None)
     oks, details = [], []
     for ok, d in (
@@ -118,17 +123,20 @@ def replicated(group, *tensors) -> bool:
     return ok
 
 
-def case_grid(group, tp, tp_rank, dtype, temperature, tp_group_arg="explicit", modes=("both",)):
+def case_grid(group, tp, tp_rank, dtype, temperature, tp_group_arg="explicit", modes=("both",), backend=None):
     oks, details = [], []
     seed = 0
     for mode in modes:
-        for chunk in CHUNKS:
-            for pad in (0, 10, V // tp):  # none, part of the last shard, the whole last shard
+        for chunk in (CHUNKS if backend != "triton" else (None,)):  # Triton ignores the chunk size
+            # No padding, part of the last shard, the whole last shard (also with every valid logit
+            # far below 0, where a shard's "max" of -inf must not become a reference of 0).
+            for pad, offset in ((0, 0.0), (10, 0.0), (V // tp, 0.0), (V // tp, -1e4)):
                 seed += 1
-                ok, d, logp, ent = run_case(group, tp, tp_rank, dtype, temperature, chunk, pad, seed, mode, tp_group_arg)
+                ok, d, logp, ent = run_case(group, tp, tp_rank, dtype, temperature, chunk, pad, seed, mode, tp_group_arg,
+                                            backend, offset)
                 rep = replicated(group, logp, ent)
                 oks.append(ok and rep)
-                details.append(f"[{mode} chunk={chunk} pad={pad}] {d}{'' if rep else ' NOT REPLICATED'}")
+                details.append(f"[{mode} chunk={chunk} pad={pad} offset={offset}] {d}{'' if rep else ' NOT REPLICATED'}")
     return all(oks), details
 
 
@@ -173,6 +181,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU processes: Triton kernels run in its interpreter
     dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=120))
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.set_num_threads(1)
@@ -194,6 +203,12 @@ def main():
         f"explicit_tp{world}_logp_only_and_entropy_only",
         lambda: case_grid(g, world, rank, torch.float32, 0.7, modes=("logp", "entropy")),
     )
+    if importlib.util.find_spec("triton") is not None:  # the per-rank stats combine of the Triton backend
+        for dtype, dname, t in ((torch.float32, "fp32", 0.7), (torch.bfloat16, "bf16", 1.0)):
+            guarded(f"triton_tp{world}_{dname}_T{t}",
+                    lambda dtype=dtype, t=t: case_grid(g, world, rank, dtype, t, backend="triton"))
+        guarded(f"triton_tp{world}_logp_only_and_entropy_only",
+                lambda: case_grid(g, world, rank, torch.float32, 0.7, modes=("logp", "entropy"), backend="triton"))
 
     # TP2 subgroups inside a larger world: the vocab offset comes from the rank within the group.
     if world > 2 and world % 2 == 0:
