@@ -69,8 +69,9 @@ def test_pool_sleep_hook_and_crash(pool):
     resp = ["__SLEEP__:30", r"\boxed{1}", "__CRASH__", r"\boxed{2}", "__SLEEP__:30", r"\boxed{3}"]
     t = time.monotonic()
     rewards, stats = pool.score(resp, ["1", "1", "1", "2", "1", "3"])
-    # two sequential 1.5 s timeouts at most share the two workers; bounded well below the 30 s sleeps
-    assert time.monotonic() - t < 10
+    # two sequential 1.5 s timeouts at most share the two workers, plus respawning them (seconds on a
+    # loaded machine: 10.7 s once with 16 busy cores); bounded below one 30 s sleep
+    assert time.monotonic() - t < 25
     assert rewards == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     assert stats["reward/timeouts"] == 2 and stats["reward/crashes"] == 1
     assert pool.totals["timeouts"] - before["timeouts"] == 2

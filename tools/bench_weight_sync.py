@@ -83,6 +83,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index if device.index is not None else 0)
         torch.cuda.set_device(device)
 
     from megatron_dgpo.weight_sync import WeightStreamer

@@ -50,7 +50,7 @@ def make_batch():
 def perturb_old_logp(logp: torch.Tensor) -> torch.Tensor:
     """Old log-probs off-policy enough to populate LN and HP."""
     g = torch.Generator().manual_seed(99)
-    return logp + 0.6 * torch.randn(logp.shape, generator=g)
+    return logp.cpu() + 0.6 * torch.randn(logp.shape, generator=g)
 
 
 def setup(tp, pp, *, vpp=None, sp=False, dist_opt=False, seed=5, model=None):
