@@ -13,16 +13,17 @@ removed by the next save.
 
 Resharding: model weights use Megatron's sharded state dict (global layer numbers, TP-sharded
 tensors), so they load into any TP / PP / DP layout. The optimizer state of the non-distributed
-optimizer is sharded like the model and reshards too; the distributed optimizer is saved in the
-`dp_reshardable` format, which changes of DP size can load but changes of TP / PP cannot (load
-with `load_optimizer=False` then). RNG states are per (pp, tp, dp) rank and are restored only
-into the same layout.
+optimizer is sharded like the model and reshards too; the distributed optimizer is saved by default
+in Megatron's `fully_reshardable` format (gathered over DP while saving), which loads into any
+TP / PP / DP layout; `dp_reshardable` (parallel writes, no gather) allows DP changes only. RNG
+states are per (pp, tp, dp) rank and are restored only into the same layout.
 
 Versions: megatron-core 0.19 reads checkpoints written by 0.16, not the reverse (0.19 stores the
 common state differently).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -34,9 +35,9 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir",
-           "DISTRIB_OPTIM_FORMAT"]
+           "DISTRIB_OPTIM_FORMAT", "OPTIM_FORMATS"]
 
-DISTRIB_OPTIM_FORMAT = "dp_reshardable"
+DISTRIB_OPTIM_FORMAT = "fully_reshardable"
 _LATEST = "latest"
 _META = "dgpo_meta.json"
 
@@ -115,8 +116,20 @@ def _model_sharded_state_dict(model_chunks) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _optimizer_metadata(optimizer) -> dict:
-    return {"distrib_optim_sharding_type": DISTRIB_OPTIM_FORMAT, "chained_optim_avoid_prefix": True}
+OPTIM_FORMATS = ("fully_reshardable", "dp_reshardable")
+
+
+def _optimizer_metadata(fmt: str = DISTRIB_OPTIM_FORMAT, mem_efficient: Optional[bool] = None) -> dict:
+    """Megatron's sharded-state-dict metadata for the distributed optimizer.
+
+    fully_reshardable gathers each TP/PP shard's optimizer state over DP: through NCCL onto every
+    DP rank (fast, CPU memory for the whole shard state on every rank) or, mem_efficient, through
+    gloo onto DP rank 0 only. Without CUDA only the gloo path exists (the other calls .cuda()).
+    """
+    if mem_efficient is None:
+        mem_efficient = not torch.cuda.is_available()
+    return {"distrib_optim_sharding_type": fmt, "chained_optim_avoid_prefix": True,
+            "distrib_optim_fully_reshardable_mem_efficient": bool(mem_efficient)}
 
 
 def _rng_state() -> dict:
@@ -153,8 +166,14 @@ def _rng_sharded(state) -> "object":
 
 def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], optimizer=None, *,
                     save_rng: bool = True, extra: Optional[dict] = None,
-                    keep_last: Optional[int] = None) -> str:
+                    keep_last: Optional[int] = None, optimizer_format: str = DISTRIB_OPTIM_FORMAT,
+                    mem_efficient: Optional[bool] = None) -> str:
     """Save atomically to `<root>/step_XXXXXXXX` and point `latest` at it. Collective.
+
+    `optimizer_format` (distributed optimizer only): "fully_reshardable" (loads into any TP / PP /
+    DP layout; the state is gathered over DP while saving) or "dp_reshardable" (each rank writes
+    its own shard in parallel; only the DP size may change on load). `mem_efficient`: see
+    `_optimizer_metadata` (None: gloo onto DP rank 0 on CPU, NCCL all-gather on CUDA).
 
     `extra`: small JSON-serialisable dict stored in dgpo_meta.json (e.g. data-loader position).
     `keep_last`: delete older complete checkpoints beyond this many (after the new one is live).
@@ -175,11 +194,13 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
         os.makedirs(tmp)
     _barrier()
 
+    if optimizer_format not in OPTIM_FORMATS:
+        raise ValueError(f"optimizer_format must be one of {OPTIM_FORMATS}, got {optimizer_format!r}")
     sd = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
-        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=False,
-                                                       metadata=_optimizer_metadata(optimizer))
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            sd, is_loading=False, metadata=_optimizer_metadata(optimizer_format, mem_efficient))
     if save_rng:
         sd["rng_state"] = _rng_sharded(_rng_state())
     sd["step"] = int(step)
@@ -190,7 +211,7 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
         model_cfg = getattr(_unwrapped(model_chunks)[0], "model_cfg", None)
         meta = {"step": int(step), "layout": _layout(), "has_optimizer": optimizer is not None,
                 "distributed_optimizer": bool(optimizer is not None and _is_distributed(optimizer)),
-                "optimizer_format": DISTRIB_OPTIM_FORMAT if optimizer is not None and _is_distributed(optimizer) else "model_space",
+                "optimizer_format": optimizer_format if optimizer is not None and _is_distributed(optimizer) else "model_space",
                 "has_rng": save_rng, "megatron_core": _megatron_version(),
                 "model_config": model_cfg.to_dict() if model_cfg is not None else None,
                 "extra": extra or {}}
@@ -258,6 +279,37 @@ def _restore_adam_steps(optimizer) -> None:
                     st["step"] = st["step"].clone()
 
 
+@contextlib.contextmanager
+def _adam_step_passthrough(optimizer):
+    """Upstream quirk (megatron-core 0.16 and 0.19 with torch Adam, i.e. without TE/Apex):
+    DistributedOptimizer.load_state_dict first puts a `step` tensor into every parameter's Adam
+    state, then `load_parameter_state_from_fully_reshardable` skips `step` when it builds the
+    tensors to copy while `_set_main_param_and_optimizer_states` copies every key of the state,
+    so loading a fully_reshardable checkpoint raised KeyError('step'). During the load, the copy
+    is given the parameter's own `step` (a self-copy, a no-op); `_restore_adam_steps` then sets
+    the counts. TE's FusedAdam keeps no per-parameter step and is unaffected."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+    for opt in patched:
+        orig = opt._set_main_param_and_optimizer_states
+
+        def passthrough(model_param, tensors, opt=opt, orig=orig):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main = opt.optimizer.param_groups[group_index]["params"][group_order]
+            st = opt.optimizer.state.get(main, {}) if hasattr(opt.optimizer, "state") else {}
+            if isinstance(st.get("step"), torch.Tensor) and "step" not in tensors:
+                tensors = dict(tensors, step=st["step"])
+            return orig(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = passthrough
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class method
+
+
 def _is_distributed(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -308,13 +360,18 @@ def load_checkpoint(path_or_root: str, model_chunks: List[torch.nn.Module], opti
     if want_opt:
         if not meta.get("has_optimizer"):
             raise ValueError(f"{path} has no optimizer state")
-        if meta.get("distributed_optimizer") and (layout["tp"], layout["pp"]) != (saved["tp"], saved["pp"]):
-            raise ValueError(f"{path}: distributed-optimizer state ({DISTRIB_OPTIM_FORMAT}) saved at "
+        fmt = meta.get("optimizer_format", DISTRIB_OPTIM_FORMAT)
+        if bool(meta.get("distributed_optimizer")) != _is_distributed(optimizer):
+            raise ValueError(f"{path}: optimizer state saved with distributed_optimizer="
+                             f"{bool(meta.get('distributed_optimizer'))} cannot load into one with "
+                             f"distributed_optimizer={_is_distributed(optimizer)}; pass load_optimizer=False")
+        if fmt == "dp_reshardable" and (layout["tp"], layout["pp"]) != (saved["tp"], saved["pp"]):
+            raise ValueError(f"{path}: distributed-optimizer state ({fmt}, written by an older version) saved at "
                              f"TP{saved['tp']}/PP{saved['pp']} cannot load into TP{layout['tp']}/PP{layout['pp']}; "
                              "pass load_optimizer=False")
         _ensure_optimizer_state(optimizer)
-        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True,
-                                                       metadata=_optimizer_metadata(optimizer))
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            sd, is_loading=True, metadata=_optimizer_metadata(fmt if fmt in OPTIM_FORMATS else DISTRIB_OPTIM_FORMAT))
     if load_rng:
         sd["rng_state"] = _rng_sharded(_rng_state())
     loaded = dist_checkpointing.load(sharded_state_dict=sd, checkpoint_dir=path)
@@ -326,7 +383,7 @@ def load_checkpoint(path_or_root: str, model_chunks: List[torch.nn.Module], opti
     if want_opt:
         # no_grad: with fp32 params the distributed optimizer's main params are views of the
         # (requires_grad) model params, and its loader copies into them in place.
-        with torch.no_grad():
+        with torch.no_grad(), _adam_step_passthrough(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
     elif optimizer is not None:

@@ -126,5 +126,14 @@ class TrainConfig:
     output_dir: str = "outputs/dgpo"
     seed: int = 1234
     save_every: int = 0  # RL steps between checkpoints (0: only at the end)
+    # Distributed-optimizer checkpoints: "fully_reshardable" (resume in any TP/PP/DP layout; the
+    # state is gathered over DP while saving) or "dp_reshardable" (parallel writes; DP may change).
+    optimizer_checkpoint_format: str = "fully_reshardable"
     resume: bool = False
     tensorboard: bool = True
+
+    def __post_init__(self):
+        formats = ("fully_reshardable", "dp_reshardable")  # megatron_dgpo.checkpoint.OPTIM_FORMATS
+        if self.optimizer_checkpoint_format not in formats:
+            raise ValueError(f"optimizer_checkpoint_format must be one of {formats}, "
+                             f"got {self.optimizer_checkpoint_format!r}")

@@ -146,7 +146,8 @@ class RLTrainer:
         from megatron_dgpo import checkpoint
 
         checkpoint.save_checkpoint(self.ckpt_dir, step, self.policy.chunks, self.policy.optimizer,
-                                   extra={"sampler": self.sampler.state_dict()}, keep_last=2)
+                                   extra={"sampler": self.sampler.state_dict()}, keep_last=2,
+                                   optimizer_format=self.cfg.optimizer_checkpoint_format)
 
     def run(self) -> dict:
         cfg = self.cfg

@@ -89,6 +89,15 @@ def test_post_init_validation_surfaces():
         load_config(Top, None, ["model.arch=gpt2"])
 
 
+def test_train_config_checkpoint_format():
+    from megatron_dgpo.config import TrainConfig
+
+    assert load_config(TrainConfig, None, ["optimizer_checkpoint_format=dp_reshardable"]).optimizer_checkpoint_format \
+        == "dp_reshardable"
+    with pytest.raises(ConfigError, match="optimizer_checkpoint_format"):
+        load_config(TrainConfig, None, ["optimizer_checkpoint_format=torch_dist"])
+
+
 def test_optional_none_and_bad_override_syntax():
     cfg = load_config(Top, None, ["name=null", "sub=null"])
     assert cfg.name is None and cfg.sub is None

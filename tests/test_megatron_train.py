@@ -81,6 +81,8 @@ _FOUR = [f"{c}/{k}" for c in ("tp2pp2", "tp2dp2_sp_distopt", "pp2dp2_vpp2") for 
 _FOUR += ["tp2pp2/logits_grad_vs_float64", "tp2pp2/loss_vs_float64", "tp2pp2/resume_metrics",
           "tp2pp2/resume_weights", "tp2dp2_sp_distopt/resume_metrics", "tp2dp2_sp_distopt/resume_weights",
           "pp2dp2_vpp2/logits_grad_vs_float64"]
+_FOUR += [f"{c}/{k}" for c in ("distopt_tp2dp2_to_pp2dp2", "distopt_tp2dp2_to_tp1dp4")
+          for k in ("step1/loss", "step1/grad_norm", "final_weights")]
 
 
 @pytest.fixture(scope="module")

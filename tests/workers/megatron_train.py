@@ -73,7 +73,7 @@ def train_layout(name, tp, pp, ref, refdir, tmp, *, mbs, vpp=None, sp=False, dis
     from megatron_dgpo.train import forward_logprobs, train_step
 
     chunks, opt = C.setup(tp, pp, vpp=vpp, sp=sp, dist_opt=dist_opt)
-    load_checkpoint(os.path.join(refdir, "init"), chunks, opt, load_optimizer=False)
+    load_checkpoint(os.path.join(refdir, "init"), chunks, opt)
     full_batch = torch.load(os.path.join(refdir, "batch.pt"), weights_only=False)
     batch = full_batch.dp_shard()
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -155,7 +155,7 @@ def tied_check(refdir, tmp):
     for name, pp in (("dp2", 1), ("pp2", 2)):
         if pp == 2:
             chunks, opt = C.setup(1, 2, model=tied)
-            load_checkpoint(init, chunks, opt, load_optimizer=False)
+            load_checkpoint(init, chunks, opt)
         batch = full_batch.dp_shard()
         runs[name] = [train_step(chunks, opt, batch, C.loss_config(), micro_batch_size=2,
                                  temperature=C.TEMPERATURE) for _ in range(C.STEPS)]
@@ -163,6 +163,29 @@ def tied_check(refdir, tmp):
         for key in ("loss", "grad_norm"):
             a, b = runs["pp2"][step][key], runs["dp2"][step][key]
             check(f"tied_pp2/step{step}/{key}", C.close(a, b), f"{a!r} vs {b!r}")
+
+
+RESHARD_CASES = (("distopt_tp2dp2_to_pp2dp2", 1, 2), ("distopt_tp2dp2_to_tp1dp4", 1, 1))
+
+
+def reshard_optimizer(refdir, ref, tmp, finals):
+    """The distributed-optimizer state saved at TP2/DP2 after step 0 (fully_reshardable) continues
+    in other TP / PP / DP layouts: step 1 there gives the reference metrics, and (checked by
+    reload_full) the reference weights, which need the Adam moments and step count of step 0."""
+    from megatron_dgpo.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_dgpo.train import train_step
+
+    full_batch = torch.load(os.path.join(refdir, "batch.pt"), weights_only=False)
+    for name, tp, pp in RESHARD_CASES:
+        chunks, opt = C.setup(tp, pp, dist_opt=True, seed=91)
+        step = load_checkpoint(os.path.join(tmp, "resume_tp2dp2_sp_distopt"), chunks, opt)
+        m = train_step(chunks, opt, full_batch.dp_shard(), C.loss_config(), micro_batch_size=1,
+                       temperature=C.TEMPERATURE)
+        r = ref["metrics"][1]
+        for key in ("loss", "grad_norm"):
+            check(f"{name}/step1/{key}", step == 1 and C.close(m[key], r[key]),
+                  f"step {step}: {m[key]!r} vs reference {r[key]!r}")
+        finals[name] = save_checkpoint(os.path.join(tmp, f"final_{name}"), C.STEPS, chunks, opt)
 
 
 def reload_full(name, ckpt, ref):
@@ -211,6 +234,8 @@ def main():
             raise
         else:
             check(f"{name}/runs", True, f"world {world}")
+    if args.mode == "four":
+        reshard_optimizer(args.ref, ref, tmp, finals)
     for name, ckpt in finals.items():
         reload_full(name, ckpt, ref)
     if args.mode == "two":
