@@ -41,10 +41,12 @@ PY
 
 status=0
 start=$SECONDS
-# The CPU suite (CUDA hidden: gloo, Triton's interpreter) against this machine's megatron-core, in the
-# background while the GPU tests run. nemo-run and hadolint are not on the GPU image.
+# The CPU suite (CUDA hidden: gloo) against this machine's megatron-core, in the background while
+# the GPU tests run. nemo-run and hadolint are not on the GPU image. The Triton-interpreter variants
+# are deselected: triton 3.6's interpreter fails under numpy 2.5 (int() of a 1-element array in its
+# range() handling); here the Triton backend runs compiled, in the GPU tests.
 CUDA_VISIBLE_DEVICES="" timeout 330 python3 -m pytest -q -n 6 --dist loadfile -p no:cacheprovider tests \
-  --ignore=tests/test_launch.py --ignore=tests/test_docker.py > "$OUT/cpu_suite.log" 2>&1 &
+  --ignore=tests/test_launch.py --ignore=tests/test_docker.py -k "not triton" > "$OUT/cpu_suite.log" 2>&1 &
 cpu_pid=$!
 
 echo "== GPU-marked tests"
@@ -69,9 +71,10 @@ wait $cpu_pid || status=1
 tail -n 25 "$OUT/cpu_suite.log"
 echo "(elapsed ${SECONDS}s / $((SECONDS - start))s since the tests started)"
 echo "== Triton kernel sweep (T=16384, V=151936, bf16)"
-timeout 120 python3 tools/sweep_triton_logprob.py || status=1
+timeout 150 python3 tools/sweep_triton_logprob.py --blocks 2048,4096,8192 --warps 4,8,16 || status=1
 echo "== bench_logprob (CUDA, bf16)"
-timeout 240 python3 tools/bench_logprob.py --device cuda --dtype bf16 || status=1
+timeout 240 python3 tools/bench_logprob.py --device cuda --dtype bf16 \
+  --methods dgpo_triton,dgpo_triton_lanes,dgpo_torch,naive,megatron || status=1
 echo "== bench_weight_sync (CUDA)"
 timeout 120 python3 tools/bench_weight_sync.py --device cuda --reps 3 || status=1
 echo "gpu_check status: $status (${SECONDS}s)"
