@@ -1,8 +1,9 @@
 """The Megatron train step on a CUDA device (NCCL, world of one) equals the same run on CPU (gloo).
 
 Runs tests/workers/megatron_common.make_reference (build, dist-checkpoint save/load, forward
-log-probs, two DGPO steps with 4 and with 1 micro-batch) in two subprocesses, one with the GPU and
-one with CUDA hidden, and compares losses, gradient norms and final weights. Float32 throughout; the
+log-probs, two DGPO steps with 4 and with 1 micro-batch) in two subprocesses, one with CUDA hidden
+and one on the GPU starting from the CPU run's initial weights (the two devices initialise from
+different RNG streams), and compares log-probs, losses, gradient norms and final weights. Float32 throughout; the
 only differences are kernel summation orders. Skipped without CUDA (tools/gpu_check.sh runs it).
 """
 import os
@@ -18,20 +19,21 @@ SCRIPT = """
 import sys, torch
 sys.path.insert(0, {workers!r})
 import megatron_common as C
-res = C.make_reference(sys.argv[1])
+res = C.make_reference(sys.argv[1], init_from=sys.argv[2] if len(sys.argv) > 2 else None)
 out = {{"runs": {{k: {{"metrics": v["metrics"], "final": v["final"]}} for k, v in res["runs"].items()}},
        "logp0": res["ref"]["logp0"].double(), "cuda": torch.cuda.is_available()}}
 torch.save(out, sys.argv[1] + "/result.pt")
 """
 
 
-def run(tmp: Path, cuda: bool) -> dict:
+def run(tmp: Path, cuda: bool, init_from: Path | None = None) -> dict:
     tmp.mkdir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     code = SCRIPT.format(workers=str(REPO / "tests" / "workers"))
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp)], env=env, capture_output=True, text=True,
+    args = [str(tmp)] + ([str(init_from)] if init_from is not None else [])
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     out = torch.load(tmp / "result.pt", weights_only=False)
@@ -44,8 +46,9 @@ def test_cuda_train_step_matches_cpu(tmp_path):
     sys.path.insert(0, str(REPO / "tests" / "workers"))
     import megatron_common as C
 
-    gpu = run(tmp_path / "cuda", cuda=True)
     cpu = run(tmp_path / "cpu", cuda=False)
+    # CUDA starts from the CPU run's initial weights (a CPU-written dist checkpoint loaded on the GPU).
+    gpu = run(tmp_path / "cuda", cuda=True, init_from=tmp_path / "cpu" / "init")
     assert C.rel_err(gpu["logp0"], cpu["logp0"]) < 1e-5
     for n_mb in (4, 1):
         for a, b in zip(gpu["runs"][n_mb]["metrics"], cpu["runs"][n_mb]["metrics"]):

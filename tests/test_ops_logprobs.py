@@ -25,20 +25,13 @@ NEG_INF = float("-inf")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-@pytest.fixture(autouse=True, params=["torch", "triton", "triton_lanes"])
+@pytest.fixture(autouse=True, params=["torch", "triton"])
 def backend(request, monkeypatch):
-    """Every test of this module runs with each backend, selected through the environment variable
-    (and both forward kernels of the Triton backend)."""
-    name = request.param
-    if name.startswith("triton"):
-        if not HAS_TRITON:
-            pytest.skip("triton is not installed (pip install '.[triton]')")
-        from megatron_dgpo.ops import logprobs_triton
-
-        monkeypatch.setattr(logprobs_triton, "STATS_VARIANT", "lanes" if name == "triton_lanes" else "block")
-        name = "triton"
-    monkeypatch.setenv(BACKEND_ENV, name)
-    return name
+    """Every test of this module runs with each backend, selected through the environment variable."""
+    if request.param == "triton" and not HAS_TRITON:
+        pytest.skip("triton is not installed (pip install '.[triton]')")
+    monkeypatch.setenv(BACKEND_ENV, request.param)
+    return request.param
 
 
 def value_tol(logits, temperature):

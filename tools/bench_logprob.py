@@ -5,7 +5,6 @@ Methods, each doing forward and backward with random upstream gradients:
   dgpo      megatron_dgpo.ops.vocab_parallel_logprobs(with_entropy=True): logp + entropy, default
             backend (Triton on CUDA when triton imports, torch otherwise)
   dgpo_torch / dgpo_triton   the same op with the backend forced
-  dgpo_triton_lanes          the Triton backend with the per-lane forward kernel (STATS_VARIANT)
   naive     float32 torch.log_softmax on the whole logits: logp + entropy
   megatron  megatron.core.tensor_parallel.vocab_parallel_cross_entropy: logp only (= -loss)
   floor     not a method: the time to read the logits twice and write the gradient once at the
@@ -88,17 +87,8 @@ def make_methods(chunk_size):
         loss = vocab_parallel_cross_entropy(logits, target)
         (-(loss * g1)).sum().backward()
 
-    def dgpo_triton_lanes(*args):
-        from megatron_dgpo.ops import logprobs_triton as tk
-
-        saved, tk.STATS_VARIANT = tk.STATS_VARIANT, "lanes"
-        try:
-            dgpo_with("triton")(*args)
-        finally:
-            tk.STATS_VARIANT = saved
-
     return {"dgpo": dgpo_with(None), "dgpo_torch": dgpo_with("torch"), "dgpo_triton": dgpo_with("triton"),
-            "dgpo_triton_lanes": dgpo_triton_lanes,
+
             "naive": naive, "megatron": megatron}
 
 

@@ -3,6 +3,11 @@
 # against the megatron-core of this machine, and the CUDA benchmarks.
 #
 #   bash tools/gpu_check.sh [OUT_DIR]
+#   STAGES="tests job" bash tools/gpu_check.sh OUT_DIR    # a subset (default: all stages)
+#
+# Stages: tests (GPU-marked tests; the CPU suite against this machine's megatron-core runs beside
+# them), job (the main job on one GPU, bf16, then --resume), sweep (Triton kernel block/warp
+# sweep), bench (bench_logprob and bench_weight_sync on CUDA).
 #
 # Needs python3 with CUDA torch (the lent H100/H200 image has torch 2.11, Triton, pytest,
 # pytest-xdist, hypothesis, transformers, safetensors, tokenizers, pyyaml; not megatron-core or
@@ -39,8 +44,11 @@ for m in ("megatron.core", "transformer_engine", "sglang", "triton", "transforme
         print(m, "not available:", type(e).__name__)
 PY
 
+STAGES=${STAGES:-tests job sweep bench}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
 start=$SECONDS
+if has tests; then
 # The CPU suite (CUDA hidden: gloo) against this machine's megatron-core, in the background while
 # the GPU tests run. nemo-run and hadolint are not on the GPU image. The Triton-interpreter variants
 # are deselected: triton 3.6's interpreter fails under numpy 2.5 (int() of a 1-element array in its
@@ -70,12 +78,26 @@ echo "== CPU suite (megatron-core of this machine, CUDA hidden): waiting"
 wait $cpu_pid || status=1
 tail -n 25 "$OUT/cpu_suite.log"
 echo "(elapsed ${SECONDS}s / $((SECONDS - start))s since the tests started)"
+fi
+if has job; then
+  echo "== main job on one GPU (embedded task, TP=1, bf16 params, 20 RL steps, then --resume to 22)"
+  job=(examples/train_dgpo.py --config examples/configs/embedded_cpu.yaml parallel.tensor_model_parallel_size=1
+       parallel.params_dtype=bfloat16 parallel.use_distributed_optimizer=true algo.steps=20 eval.every=10
+       save_every=10 output_dir=/tmp/job warmstart.cache_dir=/tmp/job_cache)
+  timeout 150 python3 -m torch.distributed.run --nproc_per_node 1 "${job[@]}" 2>&1 | grep -v Warning | tail -n 25 || status=1
+  timeout 60 python3 -m torch.distributed.run --nproc_per_node 1 "${job[@]}" algo.steps=22 --resume 2>&1 | grep -v Warning | tail -n 8 || status=1
+  cp /tmp/job/metrics.jsonl "$OUT/job_metrics.jsonl" 2>/dev/null || { echo "no metrics.jsonl"; status=1; }
+fi
+if has sweep; then
 echo "== Triton kernel sweep (T=16384, V=151936, bf16)"
 timeout 150 python3 tools/sweep_triton_logprob.py --blocks 2048,4096,8192 --warps 4,8,16 || status=1
+fi
+if has bench; then
 echo "== bench_logprob (CUDA, bf16)"
 timeout 240 python3 tools/bench_logprob.py --device cuda --dtype bf16 \
-  --methods dgpo_triton,dgpo_triton_lanes,dgpo_torch,naive,megatron || status=1
+  --methods dgpo_triton,dgpo_torch,naive,megatron || status=1
 echo "== bench_weight_sync (CUDA)"
 timeout 120 python3 tools/bench_weight_sync.py --device cuda --reps 3 || status=1
+fi
 echo "gpu_check status: $status (${SECONDS}s)"
 exit $status

@@ -73,40 +73,6 @@ def _row_stats_kernel(logits_ptr, row_stride, m_ptr, s_ptr, e_ptr, n_cols, tempe
 
 
 @triton.jit
-def _row_stats_lanes_kernel(logits_ptr, row_stride, m_ptr, s_ptr, e_ptr, n_cols, temperature,
-                            HAS_TEMP: tl.constexpr, WITH_ENT: tl.constexpr, BLOCK: tl.constexpr):
-    """Same outputs as _row_stats_kernel, with per-lane running (max, sum, entropy sum) combined once
-    at the end: one exp per element and no cross-lane reduction inside the loop."""
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * row_stride
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
-    e = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        z = tl.load(base + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        if HAS_TEMP:
-            z = tl.div_rn(z, temperature)
-        new_max = z > m
-        # d <= 0: the rescale exponent (new max) or the element's shifted logit; -inf for masked z.
-        d = tl.where(new_max, m - z, z - m)
-        d = tl.where(z == float("-inf"), float("-inf"), d)
-        w = tl.exp(d)
-        if WITH_ENT:
-            e = tl.where(new_max, w * tl.where(s > 0.0, e + d * s, 0.0), e + tl.where(w > 0.0, w * d, 0.0))
-        s = tl.where(new_max, s * w + 1.0, s + w)
-        m = tl.where(new_max, z, m)
-    m_row = tl.max(m, 0)
-    r = tl.where(m_row == float("-inf"), 0.0, m_row)
-    dl = tl.minimum(m - r, 0.0)
-    a = tl.exp(dl)
-    tl.store(m_ptr + row, m_row)
-    tl.store(s_ptr + row, tl.sum(s * a, 0))
-    if WITH_ENT:
-        tl.store(e_ptr + row, tl.sum(tl.where(s > 0.0, a * (e + dl * s), 0.0), 0))
-
-
-@triton.jit
 def _row_grad_kernel(logits_ptr, row_stride, grad_ptr, lse_ptr, c_ptr, b_ptr, g_ptr, tgt_ptr, n_cols,
                      temperature, HAS_TEMP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -138,12 +104,7 @@ def _launch_args(flat: torch.Tensor, temperature: float, block=None, num_warps=N
     return vl, blk, dict(HAS_TEMP=temperature != 1.0, BLOCK=blk, num_warps=warps)
 
 
-STATS_KERNELS = {"block": _row_stats_kernel, "lanes": _row_stats_lanes_kernel}  # noqa: E501
-STATS_VARIANT = "block"
-
-
-def row_stats(flat: torch.Tensor, temperature: float, with_entropy: bool, block=None, num_warps=None,
-              variant=None):
+def row_stats(flat: torch.Tensor, temperature: float, with_entropy: bool, block=None, num_warps=None):
     """Per-row (m, S, E) of this rank's shard `flat` [n, V/TP] (unit stride along V); float32 [n] each.
 
     S and E are relative to r = m (0 where m = -inf); E is None without entropy.
@@ -155,14 +116,15 @@ def row_stats(flat: torch.Tensor, temperature: float, with_entropy: bool, block=
     e = torch.empty(n, dtype=f32, device=flat.device) if with_entropy else s
     if n == 0:
         return m, s, (e if with_entropy else None)
-    # H100, T=16384, V=151936 bf16 (tools/sweep_triton_logprob.py): the forward is fastest with 4
-    # warps per row (2.75 ms vs 2.99 with 8), the backward with 8 (3.61 ms vs 3.88 with 4).
+    # H100, T=16384, V=151936 bf16 (tools/sweep_triton_logprob.py, docs/benchmarks.md): 4096-wide
+    # blocks; the forward is fastest with 4 warps per row (2.70 ms vs 3.03 with 8), the backward with
+    # 8 (3.46 ms vs 3.75 with 4). A variant keeping per-lane running stats (one exp per element, no
+    # reduction inside the loop) measured slower (3.2-6.9 ms) and was dropped.
     vl, _, kw = _launch_args(flat, temperature, block, num_warps, default_warps=4)
     if vl == 0:
         m.fill_(-math.inf), s.zero_(), e.zero_()
         return m, s, (e if with_entropy else None)
-    kernel = STATS_KERNELS[variant or STATS_VARIANT]
-    kernel[(n,)](flat, flat.stride(0), m, s, e, vl, float(temperature), WITH_ENT=with_entropy, **kw)
+    _row_stats_kernel[(n,)](flat, flat.stride(0), m, s, e, vl, float(temperature), WITH_ENT=with_entropy, **kw)
     return m, s, (e if with_entropy else None)
 
 

@@ -96,14 +96,17 @@ def close(a, b, tol=1e-5) -> bool:
     return abs(a - b) <= tol * max(abs(b), 1e-12) or (math.isnan(a) and math.isnan(b))
 
 
-def make_reference(root: str) -> dict:
+def make_reference(root: str, init_from: str | None = None) -> dict:
     """The TP1/PP1/DP1 reference in this process: initial weights (dist checkpoint `init`),
     the global batch with old log-probs (`batch.pt`) and the results of STEPS steps with 4 and
-    with 1 micro-batch (`ref.pt` holds the 4-micro-batch run)."""
+    with 1 micro-batch (`ref.pt` holds the 4-micro-batch run). `init_from`: start from the
+    weights of another run's `init` checkpoint (CUDA and CPU initialise from different RNGs)."""
     from megatron_dgpo.checkpoint import load_checkpoint, save_checkpoint
     from megatron_dgpo.train import forward_logprobs, train_step
 
     chunks, opt = setup(1, 1)
+    if init_from is not None:
+        load_checkpoint(init_from, chunks, opt, load_optimizer=False)
     save_checkpoint(os.path.join(root, "init"), 0, chunks, None, save_rng=False)
     init_weights = full_state_dict(chunks)
     batch = make_batch()

@@ -73,7 +73,7 @@ def train_layout(name, tp, pp, ref, refdir, tmp, *, mbs, vpp=None, sp=False, dis
     from megatron_dgpo.train import forward_logprobs, train_step
 
     chunks, opt = C.setup(tp, pp, vpp=vpp, sp=sp, dist_opt=dist_opt)
-    load_checkpoint(os.path.join(refdir, "init"), chunks, opt)
+    load_checkpoint(os.path.join(refdir, "init"), chunks, opt, load_optimizer=False)
     full_batch = torch.load(os.path.join(refdir, "batch.pt"), weights_only=False)
     batch = full_batch.dp_shard()
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -155,7 +155,7 @@ def tied_check(refdir, tmp):
     for name, pp in (("dp2", 1), ("pp2", 2)):
         if pp == 2:
             chunks, opt = C.setup(1, 2, model=tied)
-            load_checkpoint(init, chunks, opt)
+            load_checkpoint(init, chunks, opt, load_optimizer=False)
         batch = full_batch.dp_shard()
         runs[name] = [train_step(chunks, opt, batch, C.loss_config(), micro_batch_size=2,
                                  temperature=C.TEMPERATURE) for _ in range(C.STEPS)]
