@@ -279,6 +279,24 @@ def _restore_adam_steps(optimizer) -> None:
                     st["step"] = st["step"].clone()
 
 
+def _fill_zero_common_step(sd) -> None:
+    """Upstream quirk (megatron-core 0.16 and 0.19, non-distributed optimizer): sharded_state_dict
+    saves the shared Adam `step` as `common_step` only `if step:`, so a checkpoint taken before the
+    first update (every RL step so far skipped, step 0) loads per-parameter states without `step`,
+    which torch Adam's load_state_dict rejects (KeyError: 'step'). Put the 0 back where Megatron's
+    loader restores it from (`state['common_step']`)."""
+    if isinstance(sd, dict):
+        st = sd.get("state")
+        if isinstance(st, dict) and "param_groups" in sd and "common_step" not in st:
+            if any(isinstance(v, dict) and v and "step" not in v for v in st.values()):
+                st["common_step"] = torch.tensor(0.0)
+        for v in sd.values():
+            _fill_zero_common_step(v)
+    elif isinstance(sd, (list, tuple)):
+        for v in sd:
+            _fill_zero_common_step(v)
+
+
 @contextlib.contextmanager
 def _adam_step_passthrough(optimizer):
     """Upstream quirk (megatron-core 0.16 and 0.19 with torch Adam, i.e. without TE/Apex):
@@ -381,6 +399,8 @@ def load_checkpoint(path_or_root: str, model_chunks: List[torch.nn.Module], opti
     for chunk, key in zip(chunks, keys):
         chunk.load_state_dict(loaded[key], strict=strict)
     if want_opt:
+        if not _is_distributed(optimizer):
+            _fill_zero_common_step(loaded["optimizer"])
         # no_grad: with fp32 params the distributed optimizer's main params are views of the
         # (requires_grad) model params, and its loader copies into them in place.
         with torch.no_grad(), _adam_step_passthrough(optimizer):

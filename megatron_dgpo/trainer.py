@@ -60,10 +60,13 @@ class RLTrainer:
 
         self.policy = Policy(cfg)
         self.start_step = 0
+        self.skipped = 0  # non-finite updates so far (algo.max_skipped_steps); kept across resumes
         resume_from = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.resume else None
         if resume_from is not None:
             self.start_step = checkpoint.load_checkpoint(resume_from, self.policy.chunks, self.policy.optimizer)
-            self.sampler.load_state_dict(int(checkpoint.read_meta(resume_from)["extra"]["sampler"]))
+            extra = checkpoint.read_meta(resume_from)["extra"]
+            self.sampler.load_state_dict(int(extra["sampler"]))
+            self.skipped = int(extra.get("skipped", 0))
             self.say(f"resumed from {resume_from} at RL step {self.start_step}")
         else:
             ws = cfg.warmstart
@@ -87,7 +90,6 @@ class RLTrainer:
         self.sampling = SamplingParams(n=ro.group_size, temperature=ro.temperature, top_p=ro.top_p,
                                        top_k=ro.top_k, max_new_tokens=ro.max_new_tokens)
         self.temperature = self.sampling.logprob_temperature
-        self.skipped = 0
 
     def sync(self, version: int) -> None:
         sync_weights(self.policy, self.engine, version=version, distributed=self.distributed_rollout,
@@ -146,7 +148,7 @@ class RLTrainer:
         from megatron_dgpo import checkpoint
 
         checkpoint.save_checkpoint(self.ckpt_dir, step, self.policy.chunks, self.policy.optimizer,
-                                   extra={"sampler": self.sampler.state_dict()}, keep_last=2,
+                                   extra={"sampler": self.sampler.state_dict(), "skipped": self.skipped}, keep_last=2,
                                    optimizer_format=self.cfg.optimizer_checkpoint_format)
 
     def run(self) -> dict:

@@ -83,3 +83,24 @@ def test_missing_checkpoint_and_bad_requests(model, tmp_path):
     with pytest.raises(ValueError, match="no optimizer state"):
         load_checkpoint(root, chunks, opt)
     assert load_checkpoint(root, chunks, opt, load_optimizer=False) == 5
+
+
+def test_optimizer_saved_before_any_update_resumes(tmp_path):
+    """A plain (non-distributed) optimizer that never stepped (e.g. every RL step skipped) saves
+    step 0, which Megatron drops; loading it must still work and the next step must match."""
+    from megatron_dgpo import distributed
+    from megatron_dgpo.checkpoint import load_checkpoint, save_checkpoint
+
+    distributed.destroy()
+    chunks, opt = C.setup(1, 1, seed=3)
+    root = str(tmp_path / "fresh")
+    save_checkpoint(root, 0, chunks, opt)
+    expected = _step(chunks, opt)
+    after = _weights(chunks)
+    chunks2, opt2 = C.setup(1, 1, seed=4)
+    assert load_checkpoint(root, chunks2, opt2) == 0
+    got = _step(chunks2, opt2)
+    assert got["loss"] == expected["loss"] and got["grad_norm"] == expected["grad_norm"]
+    ok, detail = C.compare_weights(_weights(chunks2), after, tol=0.0)
+    assert ok, detail
+    distributed.destroy()

@@ -90,16 +90,25 @@ def run_layout(name, out, **over):
 def nonfinite_updates_are_skipped(root):
     """NaN logits in the trainer's forward (a hook on the output layer; the engine is untouched):
     the update is skipped with the weights unchanged, and the run aborts after
-    algo.max_skipped_steps such steps."""
+    algo.max_skipped_steps such steps, counted across a checkpoint and --resume."""
     from megatron_dgpo.model.builder import unwrap_model
     from megatron_dgpo.trainer import TooManySkippedSteps
 
-    tr = trainer(make_cfg(os.path.join(root, "nan"), **{"algo.steps": 5, "algo.max_skipped_steps": 2}))
+    def nan_logits(tr):
+        last = unwrap_model(tr.policy.chunks)[-1]
+        return last.output_layer.register_forward_hook(lambda m, i, out: (out[0] * float("nan"), *out[1:]))
+
+    cfg = {"algo.steps": 5, "algo.max_skipped_steps": 2}
+    tr = trainer(make_cfg(os.path.join(root, "nan"), **cfg))
     before = [p.detach().clone() for c in tr.policy.chunks for p in c.parameters()]
-    last = unwrap_model(tr.policy.chunks)[-1]
-    hook = last.output_layer.register_forward_hook(lambda m, i, out: (out[0] * float("nan"), *out[1:]))
+    hook = nan_logits(tr)
     row = tr.step(0)
     same = all(torch.equal(a, p) for a, p in zip(before, (p for c in tr.policy.chunks for p in c.parameters())))
+    hook.remove()
+    tr.save(1)
+    tr.close()
+    tr = trainer(make_cfg(os.path.join(root, "nan"), **cfg, resume=True))  # one skip already counted
+    hook = nan_logits(tr)
     try:
         tr.step(1)
         aborted = False
