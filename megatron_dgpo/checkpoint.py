@@ -171,9 +171,11 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
     """Save atomically to `<root>/step_XXXXXXXX` and point `latest` at it. Collective.
 
     `optimizer_format` (distributed optimizer only): "fully_reshardable" (loads into any TP / PP /
-    DP layout; the state is gathered over DP while saving) or "dp_reshardable" (each rank writes
-    its own shard in parallel; only the DP size may change on load). `mem_efficient`: see
-    `_optimizer_metadata` (None: gloo onto DP rank 0 on CPU, NCCL all-gather on CUDA).
+    DP layout; the state is gathered over DP while saving, and loading holds each TP / PP shard's
+    whole state in CPU memory on every rank, see load_checkpoint) or "dp_reshardable" (each rank
+    writes and reads only its own buffer shard, in parallel; only the DP size may change on load:
+    the choice for very large models). `mem_efficient`: see `_optimizer_metadata` (None: gloo onto
+    DP rank 0 on CPU, NCCL all-gather onto every DP rank on CUDA).
 
     `extra`: small JSON-serialisable dict stored in dgpo_meta.json (e.g. data-loader position).
     `keep_last`: delete older complete checkpoints beyond this many (after the new one is live).
@@ -182,6 +184,8 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
     """
     from megatron.core import dist_checkpointing
 
+    if optimizer_format not in OPTIM_FORMATS:
+        raise ValueError(f"optimizer_format must be one of {OPTIM_FORMATS}, got {optimizer_format!r}")
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = checkpoint_dir(root, step)
     name = os.path.basename(final)
@@ -194,8 +198,6 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
         os.makedirs(tmp)
     _barrier()
 
-    if optimizer_format not in OPTIM_FORMATS:
-        raise ValueError(f"optimizer_format must be one of {OPTIM_FORMATS}, got {optimizer_format!r}")
     sd = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
@@ -354,9 +356,12 @@ def load_checkpoint(path_or_root: str, model_chunks: List[torch.nn.Module], opti
     """Load a checkpoint (a step directory, or a root whose `latest` is used); return its step.
 
     Model weights load into any TP / PP / DP layout. The optimizer state is loaded when
-    `optimizer` is given and `load_optimizer`; a distributed-optimizer checkpoint needs the same
-    TP / PP layout (ValueError otherwise). RNG states are restored when the layout is unchanged
-    (`load_rng=None`: automatically; True: required).
+    `optimizer` is given and `load_optimizer`: a plain optimizer's or a `fully_reshardable`
+    distributed optimizer's into any layout, a `dp_reshardable` one only with the same TP / PP
+    (ValueError otherwise). A fully_reshardable load materialises, on every rank, the whole
+    optimizer state of its TP / PP shard in CPU memory (Megatron's loader; about 12 bytes per
+    parameter / (TP * PP) with fp32 Adam) before keeping its DP slice. RNG states are restored when
+    the layout is unchanged (`load_rng=None`: automatically; True: required).
     """
     from megatron.core import dist_checkpointing
 
@@ -384,7 +389,7 @@ def load_checkpoint(path_or_root: str, model_chunks: List[torch.nn.Module], opti
                              f"{bool(meta.get('distributed_optimizer'))} cannot load into one with "
                              f"distributed_optimizer={_is_distributed(optimizer)}; pass load_optimizer=False")
         if fmt == "dp_reshardable" and (layout["tp"], layout["pp"]) != (saved["tp"], saved["pp"]):
-            raise ValueError(f"{path}: distributed-optimizer state ({fmt}, written by an older version) saved at "
+            raise ValueError(f"{path}: distributed-optimizer state in the {fmt} format saved at "
                              f"TP{saved['tp']}/PP{saved['pp']} cannot load into TP{layout['tp']}/PP{layout['pp']}; "
                              "pass load_optimizer=False")
         _ensure_optimizer_state(optimizer)

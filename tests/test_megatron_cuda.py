@@ -56,8 +56,11 @@ def test_cuda_train_step_matches_cpu(tmp_path):
         bad.append(f"logp0 rel err {err:.2e}")
     for n_mb in (4, 1):
         for step, (a, b) in enumerate(zip(gpu["runs"][n_mb]["metrics"], cpu["runs"][n_mb]["metrics"])):
-            for key in ("loss", "grad_norm", "entropy", "ln_tokens", "hp_tokens"):
+            for key in ("loss", "grad_norm", "entropy"):
                 if not C.close(a[key], b[key], tol=1e-5):
+                    bad.append(f"{n_mb} mb step {step} {key}: {a[key]!r} (CUDA) vs {b[key]!r} (CPU)")
+            for key in ("ln_tokens", "hp_tokens"):  # counts: a ratio at a clip boundary may round apart
+                if abs(a[key] - b[key]) > 1:
                     bad.append(f"{n_mb} mb step {step} {key}: {a[key]!r} (CUDA) vs {b[key]!r} (CPU)")
         # Across devices (different GEMM/reduction kernels), after two Adam steps with eps 1e-4:
         # measured on an H100, 2026-11-27: 1.07e-5 (a QKV bias), so 5e-5 rather than the 1e-5 of

@@ -28,10 +28,19 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 @pytest.fixture(autouse=True, params=["torch", "triton"])
 def backend(request, monkeypatch):
     """Every test of this module runs with each backend, selected through the environment variable."""
-    if request.param == "triton" and not HAS_TRITON:
-        pytest.skip("triton is not installed (pip install '.[triton]')")
-    monkeypatch.setenv(BACKEND_ENV, request.param)
-    return request.param
+    name = request.param
+    on_cuda = request.node.get_closest_marker("gpu") is not None
+    if name == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed (pip install '.[triton]')")
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            # conftest sets it only without CUDA; on a GPU machine the CPU-tensor cases would
+            # (rightly) be refused by resolve_backend, and the GPU-marked ones cover Triton.
+            pytest.skip("CPU tensors with the Triton backend need TRITON_INTERPRET=1")
+    monkeypatch.setenv(BACKEND_ENV, name)
+    probe = torch.zeros(1, device="cuda" if on_cuda and torch.cuda.is_available() else "cpu")
+    assert resolve_backend(None, probe) == name  # no silent fallback to another backend
+    return name
 
 
 def value_tol(logits, temperature):
@@ -209,6 +218,33 @@ def test_masked_padding_no_nan_and_target_on_padding():
     assert logp[1] == NEG_INF and torch.isfinite(ent).all()
     (torch.where(torch.isfinite(logp), logp, 0.0).sum() + ent.sum()).backward()
     assert not torch.isnan(x.grad).any()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rows_spanning_many_blocks(monkeypatch, seed):
+    """Triton's running max / sum / entropy rescaling across vocabulary blocks (the default block of
+    4096 holds every other CPU case in one block): 16-wide blocks, rows whose first blocks are all
+    -inf, rows far below zero, scattered -inf, a growing max; against float64."""
+    from megatron_dgpo.ops import logprobs_triton
+
+    if HAS_TRITON:
+        monkeypatch.setattr(logprobs_triton, "_MAX_BLOCK", 16)
+    g = torch.Generator().manual_seed(100 + seed)
+    n, v = 12, 16 * 7 + 5
+    logits = torch.randn(n, v, generator=g) * 3
+    logits[0, :40] = NEG_INF  # first blocks all -inf
+    logits[1] = logits[1] - 1e4  # every logit far below zero
+    logits[2, torch.rand(v, generator=g) < 0.5] = NEG_INF  # scattered padding
+    logits[3] = torch.linspace(-20, 20, v)  # the max grows in every block
+    logits[4, :-1] = NEG_INF  # one valid entry, in the last (partial) block
+    target = torch.randint(0, v, (n,), generator=g)
+    target[0] = 50
+    target[2] = int(torch.nonzero(torch.isfinite(logits[2]))[0])
+    target[4] = v - 1
+    g1, g2 = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        for temperature in (1.0, 0.7):
+            run_and_check(logits.to(dtype), target, temperature, 5, g1, g2)
 
 
 def test_chunking_does_not_change_results():

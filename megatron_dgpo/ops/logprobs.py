@@ -135,7 +135,9 @@ def _forward_triton(ctx, logits, flat, local_t, owned, group, world, temperature
     ref, s, e = tk.combine_partial_stats(m, s, e, group, world)
     zt = flat.gather(1, local_t.unsqueeze(1)).squeeze(1).to(f32) if flat.shape[1] else torch.zeros_like(ref)
     if temperature != 1.0:
-        zt = zt / temperature
+        # A float32 tensor divisor: CUDA divides by a Python scalar as a multiplication by its
+        # reciprocal (1 ulp off the kernel's div_rn), which would break logp(argmax) <= 0 exactly.
+        zt = zt / torch.full((1,), temperature, dtype=f32, device=zt.device)
     xt = torch.where(owned, zt - ref, torch.zeros_like(ref))
     stats = torch.stack([s, xt, e]) if e is not None else torch.stack([s, xt])
     if world > 1:
