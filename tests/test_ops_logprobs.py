@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 from megatron_dgpo.ops import default_chunk_size, vocab_parallel_logprobs
 from megatron_dgpo.ops.logprobs import BACKEND_ENV, resolve_backend
 
-from tests.logprob_reference import reference  # noqa: E402
+from tests.logprob_reference import bf16_store_rtol, reference, upstream_loss, value_tol  # noqa: E402
 
-EPS32 = torch.finfo(torch.float32).eps
 NEG_INF = float("-inf")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -43,13 +42,6 @@ def backend(request, monkeypatch):
     return name
 
 
-def value_tol(logits, temperature):
-    """float32 arithmetic on z = logits / T: error ~ a few ulps of max|z| plus summation error."""
-    fin = logits[torch.isfinite(logits)].double().abs()
-    zmax = float(fin.max()) / temperature if fin.numel() else 0.0
-    return 1e-5 + 8 * EPS32 * zmax
-
-
 def assert_close(got, ref, atol, rtol=0.0, what=""):
     got = got.detach().double()
     assert not torch.isnan(got).any(), f"{what}: NaN"
@@ -59,13 +51,6 @@ def assert_close(got, ref, atol, rtol=0.0, what=""):
     lim = atol + rtol * ref[fin].abs()
     worst = float((err - lim).max()) if err.numel() else -1.0
     assert worst <= 0, f"{what}: max err {float(err.max()):.3g} exceeds tolerance (atol {atol:.3g}, rtol {rtol:.3g})"
-
-
-def bf16_rounding() -> float:
-    """Relative error of the float32 -> bfloat16 store: half an ulp, except in Triton's interpreter,
-    whose cast truncates (triton/runtime/interpreter.py cast_impl ignores the rounding mode)."""
-    interpreted = os.environ.get(BACKEND_ENV) == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
-    return 2.0**-7 if interpreted else 2.0**-8
 
 
 def run_and_check(logits, target, temperature, chunk, g1, g2, with_entropy=True):
@@ -79,12 +64,7 @@ def run_and_check(logits, target, temperature, chunk, g1, g2, with_entropy=True)
     else:
         assert ent is None
     assert torch.equal(x.detach(), before), "forward modified the input logits"
-    loss = torch.zeros(())
-    if g1 is not None:
-        loss = loss + (logp * g1).sum()
-    if g2 is not None:
-        loss = loss + (ent * g2).sum()
-    loss.backward()
+    upstream_loss(logp, ent, g1, g2).backward()
     assert torch.equal(x.detach(), before), "backward modified the input logits"
     assert x.grad.dtype == logits.dtype and x.grad.shape == logits.shape
 
@@ -94,7 +74,8 @@ def run_and_check(logits, target, temperature, chunk, g1, g2, with_entropy=True)
     if with_entropy:
         assert_close(ent, r_ent, tol, what="entropy")
     gscale = max([float(g.abs().max()) for g in (g1, g2) if g is not None] + [1e-30])
-    rtol = 1e-4 + (bf16_rounding() if logits.dtype == torch.bfloat16 else 2.0**-11 if logits.dtype == torch.float16 else 0.0)
+    store = {torch.bfloat16: bf16_store_rtol(os.environ.get(BACKEND_ENV)), torch.float16: 2.0**-11}
+    rtol = 1e-4 + store.get(logits.dtype, 0.0)
     assert_close(x.grad, r_grad, 4 * tol * gscale / temperature, rtol, what="grad")
     masked = torch.isinf(logits)
     if masked.any():

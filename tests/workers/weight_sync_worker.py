@@ -54,6 +54,12 @@ def megatron_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
     return gather_from_tensor_model_parallel_region(out)
 
 
+def shards_match(got: dict, want: dict):
+    """The received inference shards equal the reference ones, bitwise, with no name extra or missing."""
+    bad = [n for n in want if n not in got or not torch.equal(got[n], want[n])]
+    return not bad and set(got) == set(want), f"bad={bad[:3]}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -130,9 +136,8 @@ def main():
                     got.update({n: t.clone() for n, t in bkt.named_tensors()})
                 if rank not in receivers:
                     return not got, ""
-                want = reference_inference_shards(cfg, ref, 2, receivers.index(rank))
-                bad = [n for n in want if n not in got or not torch.equal(got[n], want[n])]
-                return not bad and set(got) == set(want), f"bad={bad[:3]} sent={st.stats.sent_bytes}"
+                ok, detail = shards_match(got, reference_inference_shards(cfg, ref, 2, receivers.index(rank)))
+                return ok, f"{detail} sent={st.stats.sent_bytes}"
             check(f"{lay}/{v}/inference_tp2_shards", inference_tp2)
 
             if v == "qwen2":
@@ -240,9 +245,7 @@ def main():
             got.update({n: t.clone() for n, t in bkt.named_tensors()})
         if rank not in receivers:
             return not got, ""
-        want = reference_inference_shards(cfg, ref, 2, receivers.index(rank))
-        bad = [n for n in want if n not in got or not torch.equal(got[n], want[n])]
-        return not bad and set(got) == set(want), f"bad={bad[:3]}"
+        return shards_match(got, reference_inference_shards(cfg, ref, 2, receivers.index(rank)))
     check(f"{lay}/{v}/inference_tp2_shards", inference_vpp)
 
     if rank == 0:
