@@ -211,9 +211,10 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
 
     if rank == 0:
         model_cfg = getattr(_unwrapped(model_chunks)[0], "model_cfg", None)
+        distributed = optimizer is not None and _is_distributed(optimizer)
         meta = {"step": int(step), "layout": _layout(), "has_optimizer": optimizer is not None,
-                "distributed_optimizer": bool(optimizer is not None and _is_distributed(optimizer)),
-                "optimizer_format": optimizer_format if optimizer is not None and _is_distributed(optimizer) else "model_space",
+                "distributed_optimizer": distributed,
+                "optimizer_format": optimizer_format if distributed else "model_space",
                 "has_rng": save_rng, "megatron_core": _megatron_version(),
                 "model_config": model_cfg.to_dict() if model_cfg is not None else None,
                 "extra": extra or {}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from megatron_dgpo.checkpoint import OPTIM_FORMATS
 from megatron_dgpo.data import ArithmeticConfig, PromptDataConfig
 from megatron_dgpo.loss import PolicyLossConfig
 from megatron_dgpo.model.config import ModelConfig
@@ -133,7 +134,6 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self):
-        formats = ("fully_reshardable", "dp_reshardable")  # megatron_dgpo.checkpoint.OPTIM_FORMATS
-        if self.optimizer_checkpoint_format not in formats:
-            raise ValueError(f"optimizer_checkpoint_format must be one of {formats}, "
+        if self.optimizer_checkpoint_format not in OPTIM_FORMATS:
+            raise ValueError(f"optimizer_checkpoint_format must be one of {OPTIM_FORMATS}, "
                              f"got {self.optimizer_checkpoint_format!r}")

@@ -98,10 +98,9 @@ def _row_grad_kernel(logits_ptr, row_stride, grad_ptr, lse_ptr, c_ptr, b_ptr, g_
 
 def _launch_args(flat: torch.Tensor, temperature: float, block=None, num_warps=None, default_warps=8):
     """Kernel meta-parameters; `block` / `num_warps` override the defaults (tools/sweep_triton_logprob.py)."""
-    vl = flat.shape[1]
-    blk = block or block_size(vl)
+    blk = block or block_size(flat.shape[1])
     warps = num_warps or (default_warps if blk >= 2048 else 4)
-    return vl, blk, dict(HAS_TEMP=temperature != 1.0, BLOCK=blk, num_warps=warps)
+    return dict(HAS_TEMP=temperature != 1.0, BLOCK=blk, num_warps=warps)
 
 
 def row_stats(flat: torch.Tensor, temperature: float, with_entropy: bool, block=None, num_warps=None):
@@ -120,7 +119,8 @@ def row_stats(flat: torch.Tensor, temperature: float, with_entropy: bool, block=
     # blocks; the forward is fastest with 4 warps per row (2.70 ms vs 3.03 with 8), the backward with
     # 8 (3.46 ms vs 3.75 with 4). A variant keeping per-lane running stats (one exp per element, no
     # reduction inside the loop) measured slower (3.2-6.9 ms) and was dropped.
-    vl, _, kw = _launch_args(flat, temperature, block, num_warps, default_warps=4)
+    vl = flat.shape[1]
+    kw = _launch_args(flat, temperature, block, num_warps, default_warps=4)
     if vl == 0:
         m.fill_(-math.inf), s.zero_(), e.zero_()
         return m, s, (e if with_entropy else None)
@@ -155,7 +155,7 @@ def row_grad(flat, lse, coef_c, coef_y, onehot, target_local, temperature, out_d
     grad = torch.empty((n, vl), dtype=out_dtype, device=flat.device)
     if n == 0 or vl == 0:
         return grad
-    _, _, kw = _launch_args(flat, temperature, block, num_warps)
+    kw = _launch_args(flat, temperature, block, num_warps)
     _row_grad_kernel[(n,)](flat, flat.stride(0), grad, lse, coef_c, coef_y, onehot, target_local, vl,
                            float(temperature), **kw)
     return grad
