@@ -142,12 +142,18 @@ def _forward_triton(ctx, logits, flat, local_t, owned, group, world, temperature
     stats = torch.stack([s, xt, e]) if e is not None else torch.stack([s, xt])
     if world > 1:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    return _finish_forward(ctx, stats, ref, logits, local_t, owned, with_entropy, lead)
+
+
+def _finish_forward(ctx, stats, shift, logits, local_t, owned, with_entropy, lead):
+    """Both backends: from the TP-summed per-token [S, x_t(, E)] relative to `shift` (S = sum of
+    exp(z - shift), x_t = z_target - shift, E = sum exp(z - shift) (z - shift)) to logp and entropy,
+    saving what backward needs: log p = z - lse with lse = shift + log S per token, and H."""
     log_s = stats[0].log()
     logp = stats[1] - log_s
-    ent = (log_s - stats[2] / stats[0]) if with_entropy else None
-    ctx.save_for_backward(logits, local_t, owned, ref + log_s, ent)
-    logp = logp.view(lead)
-    return logp, (ent.view(lead) if ent is not None else None)
+    ent = (log_s - stats[2] / stats[0]) if with_entropy else None  # log S - sum_k p_k (z_k - shift)
+    ctx.save_for_backward(logits, local_t, owned, shift + log_s, ent)
+    return logp.view(lead), (ent.view(lead) if ent is not None else None)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -204,17 +210,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         if world > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
 
-        log_s = stats[0].log()
-        logp = stats[1] - log_s
-        ent = (log_s - stats[2] / stats[0]) if with_entropy else None  # log S - sum_k p_k (z_k - m)
-
         ctx.chunk = c
-        # Backward needs log p = z - lse with lse = m + log S per token, and H.
-        ctx.save_for_backward(logits, local_t, owned, m + log_s, ent)
-        logp = logp.view(lead)
-        if ent is not None:
-            ent = ent.view(lead)
-        return logp, ent
+        return _finish_forward(ctx, stats, m, logits, local_t, owned, with_entropy, lead)
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
