@@ -57,8 +57,18 @@ class SGLangSettings:
     model_path: Optional[str] = None  # colocated: the HF folder the engine starts from
     tp_size: int = 1
     mem_fraction_static: float = 0.5
-    nccl_master_address: str = "127.0.0.1"  # server mode weight broadcast rendezvous
+    # Server-mode weight-broadcast rendezvous, on trainer rank 0's host; "" = its own host name.
+    nccl_master_address: str = ""
     nccl_master_port: int = 29600
+    request_timeout_s: float = 3600.0  # one HTTP request (a whole /generate share)
+    # Ranks other than 0 wait this long for rank 0's rollout and rewards (not the 30-minute
+    # process-group default: a long rollout must not kill the job).
+    wait_timeout_s: float = 86400.0
+    retries: int = 3  # per request, for refused/reset connections and HTTP 500/502-504, with backoff
+    # SGLang honours per-request seeds only with --enable-deterministic-inference: when true the
+    # launcher passes that flag and every sample gets its own seed; when false no seed is sent.
+    deterministic: bool = False
+    api_key_env: str = "DGPO_SGLANG_API_KEY"  # environment variable holding the servers' --api-key
 
 
 @dataclass

@@ -97,7 +97,7 @@ class RLTrainer:
 
     def evaluate(self, step: int) -> dict:
         m = evaluate(self.engine, self.reward_fn, self.tokenizer, self.eval_set.examples, self.cfg,
-                     distributed=self.distributed_rollout, seed=self.cfg.seed)
+                     distributed=self.distributed_rollout, seed=self.cfg.seed, wait_timeout_s=_wait_timeout(self.cfg))
         self.logger.log({"step": step, "kind": "eval", **{f"eval_{k}": v for k, v in m.items()}})
         self.say(f"[eval step {step}] held-out accuracy {m['accuracy']:.3f} on {int(m['num_problems'])} prompts")
         return m
@@ -111,13 +111,14 @@ class RLTrainer:
         self.sampling.seed = (cfg.seed + 7919 * algo.seed) * 100003 + step
         examples = self.sampler.next_batch()
         ro = rollout_stage.collect(self.engine, self.reward_fn, self.tokenizer, examples, self.sampling,
-                                   distributed=self.distributed_rollout)
+                                   distributed=self.distributed_rollout, wait_timeout_s=_wait_timeout(cfg))
         adv, keep, adv_stats = group_advantages(
             ro.rewards, cfg.rollout.group_size, scale="std" if algo.advantage == "grpo" else "none",
             filter_zero_variance=algo.filter_zero_variance)
         row = {"step": step + 1, "kind": "train", "reward_mean": sum(ro.rewards) / len(ro.rewards),
                "accuracy": sum(r > 0.5 for r in ro.rewards) / len(ro.rewards),
                "response_len": ro.num_response_tokens / len(ro.samples), **adv_stats,
+               "aborted_samples": ro.reward_stats.get("aborted", 0.0),
                "rollout_s": time.perf_counter() - t0}
         if int(keep.sum()) == 0:
             row["skipped"] = "no group with reward variance"
@@ -215,6 +216,11 @@ def _merge_updates(updates: list[dict]) -> dict:
             out[key] = sum(v * w for v, w in zip(vals, weights)) / sum(weights) if sum(weights) > 0 else 0.0
     out["tokens_per_s"] = out.get("tokens", 0.0) / max(out.get("step_time_s", 0.0), 1e-9)
     return out
+
+
+def _wait_timeout(cfg):
+    """How long ranks without an engine wait for rank 0's SGLang rollout (None: the default)."""
+    return cfg.rollout.sglang.wait_timeout_s if cfg.rollout.engine == "sglang" else None
 
 
 def _dp_size() -> int:

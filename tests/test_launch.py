@@ -104,7 +104,9 @@ def test_wait_then_train_overrides_and_health(monkeypatch):
     over = wtt.extra_overrides(env)
     cfg = spec.load_train_config(EMBEDDED, over + ["rollout.engine=sglang"])
     assert cfg.rollout.sglang.server_urls == ["http://a:30000", "http://b:30001"]
-    assert cfg.rollout.sglang.nccl_master_address == "node7"
+    # the weight-broadcast master is trainer rank 0's own host, not the job's first node
+    assert not any("nccl_master_address" in o for o in over)
+    assert cfg.rollout.sglang.nccl_master_address == ""
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

@@ -21,7 +21,7 @@ WAIT_SCRIPT = "megatron_dgpo/launch/wait_then_train.py"
 # Environment variables the disaggregated job exports for its steps (set in the sbatch script).
 ENV_SERVER_URLS = "DGPO_SGLANG_URLS"  # comma-separated http://host:port of every SGLang server
 ENV_ROUTER_URL = "DGPO_SGLANG_ROUTER"  # http://host:port of sglang-router (when started)
-ENV_TRAIN_MASTER = "DGPO_TRAIN_MASTER"  # first trainer node: torchrun rendezvous + weight-sync NCCL master
+ENV_TRAIN_MASTER = "DGPO_TRAIN_MASTER"  # first trainer node: the torchrun rendezvous endpoint
 
 # Defaults for multi-node NCCL over InfiniBand; every value can be overridden with --env KEY=VALUE.
 # NCCL_SOCKET_IFNAME / NCCL_IB_HCA are cluster specific and deliberately not guessed here.
