@@ -13,9 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# The tests also exercise the nemo-run launcher and lint the Dockerfile.
-$(VENV)/.installed-test: $(VENV)/.installed
+# The tests also exercise the nemo-run launcher, lint the Dockerfile, and run SGLang's own
+# (pure-Python) code for the contract tests: sglang without its GPU dependencies.
+$(VENV)/.installed-test: $(VENV)/.installed tests/requirements-sglang-cpu.txt tests/requirements-sglang-nodeps.txt
 	$(PY) -m pip install -q -e ".[dev,launch,lint,triton]"
+	$(PY) -m pip install -q -r tests/requirements-sglang-cpu.txt
+	$(PY) -m pip install -q --no-deps -r tests/requirements-sglang-nodeps.txt
 	touch $@
 
 setup: $(VENV)/.installed
