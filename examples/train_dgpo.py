@@ -21,6 +21,7 @@ for _msg in ("Transformer Engine and Apex are not installed", "Apex is not insta
 
 from megatron_dgpo.config import TrainConfig  # noqa: E402
 from megatron_dgpo.configio import ConfigError, format_config, load_config  # noqa: E402
+from megatron_dgpo.data.prompts import MalformedRowError  # noqa: E402
 from megatron_dgpo.rl.guard import NonFiniteWeightsError, PolicyCollapsed, TooManySkippedSteps  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         return _main(argv, rank)
-    except ConfigError as e:  # bad input: one line, once, exit 2 (nothing was written)
+    except (ConfigError, MalformedRowError) as e:  # bad input: one line, once, exit 2 (nothing was written)
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
