@@ -91,15 +91,16 @@ class Policy:
         return m
 
     # ---- weights -------------------------------------------------------------------------------
-    def stream_weights(self, receivers=None, dtype=None):
-        """(hf_name, tensor) pairs of the current weights, on the receiving ranks (collective)."""
+    def stream_weights(self, receivers=None, dtype=None, version: int = 0):
+        """(hf_name, tensor) pairs of the current weights, on the receiving ranks (collective).
+        `version` enters every bucket's checksum (a stale bucket is never accepted)."""
         from megatron_dgpo.weight_sync import WeightStreamer
 
         if self._streamer is None:
             bucket = self.cfg.rollout.weight_sync_bucket_mb << 20
             self._streamer = WeightStreamer(self.chunks, self.cfg.model, receivers=receivers,
                                             bucket_bytes=bucket, dtype=dtype)
-        return self._streamer.iter_named_tensors()
+        return self._streamer.iter_named_tensors(version=version)
 
     def load_hf(self, path: str) -> None:
         from megatron_dgpo.weight_sync import load_hf_into_megatron
