@@ -53,6 +53,13 @@ def test_flipped_bytes_in_a_shard_are_refused(model, tmp_path):
         f.write(bytes(b ^ 0xFF for b in block))
     with pytest.raises(CheckpointIntegrityError, match=shard):
         load_checkpoint(path, chunks, opt)
+    os.remove(os.path.join(path, shard))
+    with pytest.raises(CheckpointIntegrityError, match=f"{shard}: missing"):
+        load_checkpoint(path, chunks, opt)
+    path = save_checkpoint(str(tmp_path / "ck"), 2, chunks, opt)
+    open(os.path.join(path, "__9_9.distcp"), "wb").close()
+    with pytest.raises(CheckpointIntegrityError, match="not in the manifest"):
+        load_checkpoint(path, chunks, opt)
 
 
 def test_malicious_dcp_metadata_executes_nothing(model, tmp_path):

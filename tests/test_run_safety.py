@@ -4,7 +4,7 @@ import pytest
 
 from tests.torchrun_util import run_torchrun
 
-CHECKS = ["nonfinite_weights_abort_before_sync_and_save", "collapsed_policy_aborts",
+CHECKS = ["nonfinite_weights_abort_before_sync_and_save", "overflowing_weights_named", "collapsed_policy_aborts",
           "second_run_on_output_dir_refused", "fresh_run_into_old_run_refused",
           "broken_latest_falls_back_to_newest_complete", "latest_outside_root_ignored",
           "final_eval_not_duplicated_after_resume", "overwrite_replaces_run"]

@@ -71,6 +71,21 @@ def nonfinite_weights(root):
           {"raised": raised, "engine_finite": engine_ok, "checkpoints": ckpts})
 
 
+def huge_finite_lr(root):
+    """lr=1e30: finite but overflowing weights; the rollout engine says so instead of torch's
+    'probability tensor contains inf/nan'."""
+    tr = trainer(make_cfg(os.path.join(root, "lr_1e30"), **{"optim.lr": 1e30, "algo.steps": 3}))
+    raised = None
+    try:
+        for step in range(3):
+            tr.step(step)
+    except Exception as e:  # noqa: BLE001
+        raised = f"{type(e).__name__}: {e}"
+    tr.close()
+    check("overflowing_weights_named", raised is not None and "NonFiniteWeightsError" in raised and "optim.lr" in raised,
+          raised)
+
+
 def collapse(root):
     tr = trainer(make_cfg(os.path.join(root, "collapse"), **{"algo.steps": 5, "algo.max_steps_without_variance": 2}),
                  reward=ConstReward)
@@ -160,7 +175,8 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
     root = os.path.dirname(os.path.abspath(args.out))
-    for name, fn in (("nonfinite", nonfinite_weights), ("collapse", collapse), ("resume", resume_and_run_dir)):
+    for name, fn in (("nonfinite", nonfinite_weights), ("huge_lr", huge_finite_lr), ("collapse", collapse),
+                     ("resume", resume_and_run_dir)):
         try:
             fn(root)
         except Exception:
