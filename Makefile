@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 
 # The main job on the embedded default: tiny Qwen2-shaped model, arithmetic task, TP=2 on 2 CPU processes.
 demo: setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 examples/train_dgpo.py --config examples/configs/embedded_cpu.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 examples/train_dgpo.py --config examples/configs/embedded_cpu.yaml --overwrite
 
 loss-demo: setup
 	$(PY) examples/loss_demo.py

@@ -99,6 +99,9 @@ class AlgoConfig:
     old_logp_source: Literal["trainer", "rollout"] = "trainer"
     tis_cap: Optional[float] = None  # truncated IS correction min(pi_old / pi_rollout, cap)
     max_skipped_steps: int = 3  # abort after this many non-finite updates
+    # Abort after this many consecutive RL steps in which no group had reward variance (a policy
+    # that diverged, or a solved task: no gradient left); 0 disables.
+    max_steps_without_variance: int = 10
     # Seed of the RL phase (prompt order, rollout sampling); the warm start depends only on the
     # top-level seed, so runs that differ here share one cached warm start.
     seed: int = 0
@@ -141,9 +144,13 @@ class TrainConfig:
     # state is gathered over DP while saving) or "dp_reshardable" (parallel writes; DP may change).
     optimizer_checkpoint_format: str = "fully_reshardable"
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace the checkpoints/metrics in output_dir
     tensorboard: bool = True
 
     def __post_init__(self):
         if self.optimizer_checkpoint_format not in OPTIM_FORMATS:
             raise ValueError(f"optimizer_checkpoint_format must be one of {OPTIM_FORMATS}, "
                              f"got {self.optimizer_checkpoint_format!r}")
+        from megatron_dgpo.config_checks import check_train_config
+
+        check_train_config(self)  # every field: finite, in range, layout consistent

@@ -15,16 +15,13 @@ from megatron_dgpo.config import TrainConfig
 from megatron_dgpo.rl import rollout_stage
 from megatron_dgpo.rl.engines import EngineMemory, build_engine, sync_weights
 from megatron_dgpo.rl.evaluate import evaluate
+from megatron_dgpo.rl.guard import CollapseMonitor, TooManySkippedSteps, require_finite_weights  # noqa: F401
 from megatron_dgpo.rl.metrics import MetricsLogger, plot_run
 from megatron_dgpo.rl.policy import Policy
 from megatron_dgpo.rl.setup import load_data, load_tokenizer_for
 from megatron_dgpo.rl.warmstart import is_cached, warm_start
 from megatron_dgpo.rollout import SamplingParams
 from megatron_dgpo.train import pad_sequences
-
-
-class TooManySkippedSteps(RuntimeError):
-    pass
 
 
 def build_batch(ro, adv, keep, pad_id: int, multiple: int):
@@ -54,6 +51,11 @@ class RLTrainer:
         self.say = log if self.rank == 0 else (lambda *a, **k: None)
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = str(self.out / "checkpoints")
+        from megatron_dgpo.rundir import open_run_dir
+
+        self.run_dir = open_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+        if self.run_dir.note:
+            self.say(self.run_dir.note)
         self.tokenizer = load_tokenizer_for(cfg, self.out)
         self.train_set, self.eval_set, self.sampler = load_data(cfg, self.tokenizer, self.say)
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -61,12 +63,14 @@ class RLTrainer:
         self.policy = Policy(cfg)
         self.start_step = 0
         self.skipped = 0  # non-finite updates so far (algo.max_skipped_steps); kept across resumes
-        resume_from = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        self.collapse = CollapseMonitor(cfg.algo.max_steps_without_variance)
+        resume_from = self.run_dir.resume_from
         if resume_from is not None:
             self.start_step = checkpoint.load_checkpoint(resume_from, self.policy.chunks, self.policy.optimizer)
             extra = checkpoint.read_meta(resume_from)["extra"]
             self.sampler.load_state_dict(int(extra["sampler"]))
             self.skipped = int(extra.get("skipped", 0))
+            self.collapse.streak = int(extra.get("no_variance_streak", 0))
             self.say(f"resumed from {resume_from} at RL step {self.start_step}")
         else:
             ws = cfg.warmstart
@@ -92,6 +96,7 @@ class RLTrainer:
         self.temperature = self.sampling.logprob_temperature
 
     def sync(self, version: int) -> None:
+        require_finite_weights(self.policy.chunks, f"before the weight sync of version {version}")
         sync_weights(self.policy, self.engine, version=version, distributed=self.distributed_rollout,
                      memory=self.engine_memory)
 
@@ -120,6 +125,7 @@ class RLTrainer:
                "response_len": ro.num_response_tokens / len(ro.samples), **adv_stats,
                "aborted_samples": ro.reward_stats.get("aborted", 0.0),
                "rollout_s": time.perf_counter() - t0}
+        self.collapse.update(step + 1, adv_stats["adv/zero_variance_frac"] < 1.0, row["reward_mean"])
         if int(keep.sum()) == 0:
             row["skipped"] = "no group with reward variance"
         else:
@@ -148,8 +154,10 @@ class RLTrainer:
     def save(self, step: int) -> None:
         from megatron_dgpo import checkpoint
 
+        require_finite_weights(self.policy.chunks, f"before saving the checkpoint of step {step}")
         checkpoint.save_checkpoint(self.ckpt_dir, step, self.policy.chunks, self.policy.optimizer,
-                                   extra={"sampler": self.sampler.state_dict(), "skipped": self.skipped}, keep_last=2,
+                                   extra={"sampler": self.sampler.state_dict(), "skipped": self.skipped,
+                                          "no_variance_streak": self.collapse.streak}, keep_last=2,
                                    optimizer_format=self.cfg.optimizer_checkpoint_format)
 
     def run(self) -> dict:
@@ -167,17 +175,33 @@ class RLTrainer:
             if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 self.save(step + 1)
         progress.close()
-        summary["eval_after"] = self.evaluate(cfg.algo.steps)
+        # Resumed after the final checkpoint: the final evaluation may already be logged.
+        summary["eval_after"] = self._logged_eval(cfg.algo.steps) or self.evaluate(cfg.algo.steps)
         if self.rank == 0:
             summary["plot"] = plot_run(str(self.out / "metrics.jsonl"), str(self.out / "training_curves.png"),
                                        title=f"{cfg.loss.name.upper()} on {cfg.data.task}")
         self.close()
         return summary
 
+    def _logged_eval(self, step: int) -> dict | None:
+        """The eval metrics already in metrics.jsonl for `step` on a run resumed at `step`, else
+        None (the same answer on every rank)."""
+        found = [None]
+        if self.rank == 0 and self.start_step == step and self.logger.path.exists():
+            from megatron_dgpo.rl.metrics import read_metrics
+
+            rows = [r for r in read_metrics(str(self.logger.path)) if r.get("kind") == "eval" and r.get("step") == step]
+            if rows:
+                found[0] = {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval_")}
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(found, src=0)
+        return found[0]
+
     def close(self) -> None:
         self.logger.close()
         if hasattr(self.reward_fn, "close"):
             self.reward_fn.close()
+        self.run_dir.close()
 
 
 def run(cfg: TrainConfig, log=print) -> dict:

@@ -59,10 +59,10 @@ def sync_weights(policy, engine, version: int, distributed: bool, memory: Engine
     if memory is not None:
         memory.resume("weights")
     if distributed:
-        engine.update_weights(policy.stream_weights(receivers=None), version=version)
+        engine.update_weights(policy.stream_weights(receivers=None, version=version), version=version)
     else:
         rank = dist.get_rank() if dist.is_initialized() else 0
-        stream = policy.stream_weights(receivers=[0])
+        stream = policy.stream_weights(receivers=[0], version=version)
         if rank == 0:
             engine.update_weights(stream, version=version)
         else:

@@ -9,6 +9,7 @@ import torch
 
 from megatron_dgpo.config import TrainConfig
 from megatron_dgpo.model.builder import build_model_chunks
+from megatron_dgpo.rl.guard import require_finite_weights
 from megatron_dgpo.train import RolloutBatch, build_optimizer, forward_logprobs, train_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,6 +77,10 @@ class Policy:
             metrics = train_step(self.chunks, self.optimizer, local, loss_cfg or self.cfg.loss,
                                  micro_batch_size=self.micro_batch(local), temperature=temperature, lr=lr)
             out.append(metrics)
+            # Decided per optimizer step: a step with finite gradients may still overflow the
+            # weights (absurd lr); the next mini-batch, the sync and the save must not see them.
+            require_finite_weights(self.chunks, f"after optimizer step {len(out)} (lr={metrics['lr']:g}, "
+                                                f"grad_norm={metrics['grad_norm']:g})")
         return out
 
     def micro_batch(self, batch: RolloutBatch) -> int:
@@ -86,15 +91,16 @@ class Policy:
         return m
 
     # ---- weights -------------------------------------------------------------------------------
-    def stream_weights(self, receivers=None, dtype=None):
-        """(hf_name, tensor) pairs of the current weights, on the receiving ranks (collective)."""
+    def stream_weights(self, receivers=None, dtype=None, version: int = 0):
+        """(hf_name, tensor) pairs of the current weights, on the receiving ranks (collective).
+        `version` enters every bucket's checksum (a stale bucket is never accepted)."""
         from megatron_dgpo.weight_sync import WeightStreamer
 
         if self._streamer is None:
             bucket = self.cfg.rollout.weight_sync_bucket_mb << 20
             self._streamer = WeightStreamer(self.chunks, self.cfg.model, receivers=receivers,
                                             bucket_bytes=bucket, dtype=dtype)
-        return self._streamer.iter_named_tensors()
+        return self._streamer.iter_named_tensors(version=version)
 
     def load_hf(self, path: str) -> None:
         from megatron_dgpo.weight_sync import load_hf_into_megatron
