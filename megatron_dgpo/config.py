@@ -20,6 +20,18 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     params_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Core attention: local = Megatron's unfused DotProductAttention, sdpa = torch SDPA /
+    # varlen_attn in the local spec (model/attention.py), te = Transformer Engine's (TE spec);
+    # auto = te with transformer_engine, local otherwise.
+    attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
+
+    def __post_init__(self):
+        from megatron_dgpo.model.builder import resolve_attention_backend
+
+        try:
+            resolve_attention_backend(self.transformer_impl, self.attention_backend)
+        except ValueError as e:
+            raise ValueError(f"parallel.{e}") from None
 
 
 @dataclass
@@ -94,6 +106,11 @@ class AlgoConfig:
     mini_batches: int = 2  # optimizer steps per rollout batch (one PPO epoch, split)
     epochs: int = 1
     micro_batch_size: int = 16
+    # > 0: micro-batches cut by tokens (rows x own longest row, or packed length) instead of
+    # micro_batch_size rows, balanced over DP ranks (train/microbatch.py); exact.
+    max_tokens_per_micro_batch: int = 0
+    # Pack each micro-batch's sequences into one THD row (needs attention_backend sdpa or te).
+    pack_sequences: bool = False
     advantage: Literal["grpo", "drgrpo"] = "grpo"
     filter_zero_variance: bool = True
     old_logp_source: Literal["trainer", "rollout"] = "trainer"
@@ -148,6 +165,12 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self):
+        if self.algo.pack_sequences and self.parallel.attention_backend not in ("sdpa", "te") and not (
+                self.parallel.attention_backend == "auto" and self.parallel.transformer_impl == "transformer_engine"):
+            raise ValueError("algo.pack_sequences needs parallel.attention_backend sdpa or te "
+                             f"(got {self.parallel.attention_backend!r}: Megatron's local attention has no THD path)")
+        if self.algo.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"algo.max_tokens_per_micro_batch={self.algo.max_tokens_per_micro_batch} must be >= 0")
         if self.optimizer_checkpoint_format not in OPTIM_FORMATS:
             raise ValueError(f"optimizer_checkpoint_format must be one of {OPTIM_FORMATS}, "
                              f"got {self.optimizer_checkpoint_format!r}")

@@ -16,7 +16,7 @@ from megatron_dgpo.rl import rollout_stage
 from megatron_dgpo.rl.engines import EngineMemory, build_engine, sync_weights
 from megatron_dgpo.rl.evaluate import evaluate
 from megatron_dgpo.rl.guard import CollapseMonitor, TooManySkippedSteps, require_finite_weights  # noqa: F401
-from megatron_dgpo.rl.metrics import MetricsLogger, plot_run
+from megatron_dgpo.rl.metrics import MetricsLogger, complete_row, plot_run
 from megatron_dgpo.rl.policy import Policy
 from megatron_dgpo.rl.setup import load_data, load_tokenizer_for
 from megatron_dgpo.rl.warmstart import is_cached, warm_start
@@ -101,9 +101,11 @@ class RLTrainer:
                      memory=self.engine_memory)
 
     def evaluate(self, step: int) -> dict:
+        t0 = time.perf_counter()
         m = evaluate(self.engine, self.reward_fn, self.tokenizer, self.eval_set.examples, self.cfg,
                      distributed=self.distributed_rollout, seed=self.cfg.seed, wait_timeout_s=_wait_timeout(self.cfg))
-        self.logger.log({"step": step, "kind": "eval", **{f"eval_{k}": v for k, v in m.items()}})
+        self.logger.log({"step": step, "kind": "eval", **{f"eval_{k}": v for k, v in m.items()},
+                         "eval_s": time.perf_counter() - t0})
         self.say(f"[eval step {step}] held-out accuracy {m['accuracy']:.3f} on {int(m['num_problems'])} prompts")
         return m
 
@@ -122,23 +124,25 @@ class RLTrainer:
             filter_zero_variance=algo.filter_zero_variance)
         row = {"step": step + 1, "kind": "train", "reward_mean": sum(ro.rewards) / len(ro.rewards),
                "accuracy": sum(r > 0.5 for r in ro.rewards) / len(ro.rewards),
-               "response_len": ro.num_response_tokens / len(ro.samples), **adv_stats,
-               "aborted_samples": ro.reward_stats.get("aborted", 0.0),
-               "rollout_s": time.perf_counter() - t0}
+               "response_len": ro.num_response_tokens / len(ro.samples), **adv_stats, **ro.timings,
+               "rollout_tokens": ro.num_tokens, "aborted_samples": ro.reward_stats.get("aborted", 0.0)}
         self.collapse.update(step + 1, adv_stats["adv/zero_variance_frac"] < 1.0, row["reward_mean"])
         if int(keep.sum()) == 0:
             row["skipped"] = "no group with reward variance"
         else:
             self.engine_memory.release()
             batch = build_batch(ro, adv, keep, self.pad_id, multiple=_dp_size() * algo.mini_batches)
+            t1 = time.perf_counter()
             batch, gap = _with_old_logp(self.policy, batch, cfg, self.temperature)
+            row["old_logp_s"] = time.perf_counter() - t1
             if algo.tis_cap is not None:
                 w = tis_weights(batch.old_logp, batch.rollout_logp, cap=algo.tis_cap)
                 batch = dataclasses.replace(batch, advantages=batch.advantages[:, None] * w)
-            updates = []
+            updates, t1 = [], time.perf_counter()
             for _ in range(algo.epochs):
                 updates += self.policy.update(batch, temperature=self.temperature, lr=cfg.optim.lr)
-            row.update(_merge_updates(updates), train_rollout_logp_gap=gap)
+            row.update(_merge_updates(updates), train_rollout_logp_gap=gap, update_s=time.perf_counter() - t1)
+            row["update_tokens_per_s"] = row.get("tokens", 0.0) / max(row["update_s"], 1e-9)
             if not math.isfinite(row.get("loss", float("nan"))) or row.get("update_successful", 1.0) < 1:
                 self.skipped += 1
                 row["skipped"] = "non-finite loss or gradient"
@@ -146,8 +150,12 @@ class RLTrainer:
                          f"{self.skipped}/{algo.max_skipped_steps}")
                 if self.skipped >= algo.max_skipped_steps:
                     raise TooManySkippedSteps(f"{self.skipped} non-finite updates; aborting (algo.max_skipped_steps)")
+        t1 = time.perf_counter()
         self.sync(step + 1)
+        row["sync_s"] = time.perf_counter() - t1
         row["step_s"] = time.perf_counter() - t0
+        row["tokens_per_s"] = row["rollout_tokens"] / max(row["step_s"], 1e-9)
+        row = complete_row(row)
         self.logger.log(row)
         return row
 
@@ -229,7 +237,7 @@ def _merge_updates(updates: list[dict]) -> dict:
     out = {}
     for key in updates[0]:
         vals = [u[key] for u in updates]
-        if key.endswith("_tokens") or key in ("tokens", "step_time_s"):
+        if key.endswith("_tokens") or key in ("tokens", "step_time_s", "computed_tokens"):
             out[key] = sum(vals)
         elif key in ("lr", "num_microbatches", "normalizer"):
             out[key] = vals[-1]
@@ -238,7 +246,7 @@ def _merge_updates(updates: list[dict]) -> dict:
         else:
             weights = [u.get(_WEIGHT_OF.get(key, "valid_tokens"), 1.0) for u in updates]
             out[key] = sum(v * w for v, w in zip(vals, weights)) / sum(weights) if sum(weights) > 0 else 0.0
-    out["tokens_per_s"] = out.get("tokens", 0.0) / max(out.get("step_time_s", 0.0), 1e-9)
+    out.pop("tokens_per_s", None)  # the step's rates are set by RLTrainer.step
     return out
 
 

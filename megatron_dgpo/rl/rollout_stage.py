@@ -8,7 +8,8 @@ aborted (finish reason "abort") gets reward 0 and is counted in `reward_stats["a
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
 from typing import Optional, Sequence
@@ -25,10 +26,16 @@ class Rollouts:
     texts: list[str]  # decoded responses (special tokens skipped)
     rewards: list[float]
     reward_stats: dict
+    timings: dict = field(default_factory=dict)  # rollout_s (generation + gather), reward_s
 
     @property
     def num_response_tokens(self) -> int:
         return sum(len(s.response_ids) for s in self.samples)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + response tokens of every sample."""
+        return sum(len(s.prompt_ids) + len(s.response_ids) for s in self.samples)
 
 
 def _world():
@@ -89,8 +96,11 @@ def score(reward_fn, tokenizer, samples: list[RolloutSample], ground_truths: lis
 
 def collect(engine, reward_fn, tokenizer, examples, sampling: SamplingParams, *, distributed: bool,
             wait_timeout_s: Optional[float] = None) -> Rollouts:
+    t0 = time.perf_counter()
     samples = generate(engine, [e.prompt_ids for e in examples], sampling, distributed=distributed,
                        wait_timeout_s=wait_timeout_s)
+    t1 = time.perf_counter()
     truths = [examples[s.prompt_index].ground_truth for s in samples]
     texts, rewards, stats = score(reward_fn, tokenizer, samples, truths, wait_timeout_s)
-    return Rollouts(samples=samples, ground_truths=truths, texts=texts, rewards=rewards, reward_stats=stats)
+    return Rollouts(samples=samples, ground_truths=truths, texts=texts, rewards=rewards, reward_stats=stats,
+                    timings={"rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1})

@@ -29,7 +29,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_dgpo.train import microbatch
 from megatron_dgpo.train.batch import RolloutBatch, shift_left
+from megatron_dgpo.train.microbatch import MicroBatch
 
 __all__ = ["train_step", "forward_logprobs", "prepare_model_config"]
 
@@ -94,17 +96,29 @@ def _check_layout(logits: torch.Tensor, tokens: torch.Tensor):
 
 
 def _forward_step_func(loss_builder):
+    """Megatron forward step: one MicroBatch in, GPTModel's vocab-parallel logits out, and the
+    loss function `loss_builder(idx, micro_batch, logits)` for the schedule."""
     dev = _device()
 
     def forward_step(data_iterator, model):
         idx, mb = next(data_iterator)
-        tokens = mb.tokens.to(dev, non_blocking=True)
-        b, s = tokens.shape
-        pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, -1)
-        out = model(input_ids=tokens, position_ids=pos, attention_mask=None)
-        return out, functools.partial(loss_builder, idx, mb, tokens)
+        out = model(**mb.model_inputs(dev))
+        return out, functools.partial(loss_builder, idx, mb)
 
     return forward_step
+
+
+def _row_logprobs(mb: MicroBatch, logits: torch.Tensor, **kw):
+    """Prediction-aligned log-probs (and entropies) `[n, L]` of the micro-batch's rows from its
+    logits (padded `[n, L, V/TP]` or packed `[1, T, V/TP]`)."""
+    from megatron_dgpo.ops import vocab_parallel_logprobs
+
+    tokens = mb.input_ids.to(logits.device)
+    logp, ent = vocab_parallel_logprobs(logits, shift_left(tokens), **kw)
+    if mb.packing is not None:
+        logp = mb.packing.unpack(logp)
+        ent = None if ent is None else mb.packing.unpack(ent)
+    return logp, ent
 
 
 def _schedule(model_chunks, micro_batches, forward_step, forward_only, config):
@@ -112,8 +126,17 @@ def _schedule(model_chunks, micro_batches, forward_step, forward_only, config):
 
     if _ps().get_context_parallel_world_size() != 1:
         raise NotImplementedError("context parallelism is not supported by train_step")
-    seq_length = micro_batches[0].seq_length
-    mbs = micro_batches[0].batch_size
+    shapes = {tuple(mb.input_ids.shape) for mb in micro_batches}
+    # Token-budget and packed micro-batches differ in shape: pipeline stages then exchange
+    # shapes before activations (Megatron's variable_seq_lengths).
+    config.variable_seq_lengths = len(shapes) > 1
+    if config.variable_seq_lengths and len(model_chunks) > 1:
+        # Measured on CPU/gloo with megatron-core 0.16.1: the interleaved schedule's shape
+        # exchange deadlocked (one stage in send_forward_recv_forward, the other exchanging shapes).
+        raise NotImplementedError("token-budget / packed micro-batches of different shapes are not supported "
+                                  "with virtual pipeline parallelism; use a non-interleaved pipeline")
+    seq_length = max(s[1] for s in shapes)
+    mbs = max(s[0] for s in shapes)
     items = list(enumerate(micro_batches))
     iters = [iter(items) for _ in model_chunks]
     fb = get_forward_backward_func()
@@ -213,7 +236,9 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
                micro_batch_size: int, temperature: float = 1.0, compute_entropy: bool = True,
                vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
                lr: Optional[float] = None,
-               logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None) -> Dict[str, float]:
+               logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None,
+               max_tokens_per_micro_batch: int = 0, pack_sequences: bool = False,
+               pad_token_id: int = 0) -> Dict[str, float]:
     """Forward + backward of the policy loss over `batch` (this DP rank's share) and one
     optimizer step. Returns metrics reduced over DP, identical on every rank.
 
@@ -223,14 +248,17 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     `logits_hook(micro_batch_index, logits)` is called on the last stage with the masked
     vocab-parallel logits; if it returns a tensor, that is used instead (tests return a clone
     with a gradient hook to capture d loss / d logits).
+    `max_tokens_per_micro_batch` > 0 cuts the batch into token-budget micro-batches instead of
+    `micro_batch_size` rows, `pack_sequences` packs each micro-batch into one THD row
+    (`train.microbatch`; packing needs attention_backend sdpa or te).
 
     Metrics: the policy_loss metrics (loss = global loss, *_tokens = global counts, the rest
     token-weighted means), `entropy`, `rollout_logp_abs_diff` / `rollout_logp_diff` (train minus
     rollout, when rollout_logp is given), `grad_norm`, `update_successful`, `lr`,
-    `num_microbatches`, `tokens` (non-pad tokens, global), `step_time_s`, `tokens_per_s`.
+    `num_microbatches`, `tokens` (non-pad tokens, global), `computed_tokens` (tokens the model
+    ran on, padding included, global), `step_time_s`, `tokens_per_s` (tokens / step_time_s).
     """
     from megatron_dgpo.loss import policy_loss
-    from megatron_dgpo.ops import vocab_parallel_logprobs
 
     t0 = time.perf_counter()
     ps = _ps()
@@ -238,8 +266,9 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     if loss_cfg.aggregation == "seq-mean-token-sum-norm" and loss_cfg.norm_length is None:
         # Dr.GRPO's constant: the batch's own length, not the layout-dependent padded length.
         loss_cfg = dataclasses.replace(loss_cfg, norm_length=batch.seq_length)
-    batch = batch.pad_to(_pad_multiple(config))
-    micro_batches = batch.micro_batches(micro_batch_size)
+    micro_batches = microbatch.split(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens_per_micro_batch,
+                                     pack=pack_sequences, pad_multiple=_pad_multiple(config),
+                                     pad_token_id=pad_token_id)
     n_mb = len(micro_batches)
     dp = ps.get_data_parallel_world_size()
     dev = _device()
@@ -252,7 +281,8 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     # Global normaliser and token counts, one all-reduce over DP.
     mask_s = shift_left(batch.loss_mask, False)
     counts = torch.tensor([float(mask_s.sum()), float((mask_s.sum(-1) > 0).sum()),
-                           float(batch.lengths.sum())], dtype=torch.float64, device=dev)
+                           float(batch.lengths.sum()), float(sum(mb.computed_tokens for mb in micro_batches))],
+                          dtype=torch.float64, device=dev)
     counts = _dp_all_reduce(counts).cpu()
     seq_mode = loss_cfg.aggregation != "token-mean"
     normalizer = float(counts[1] if seq_mode else counts[0])
@@ -263,15 +293,15 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     _check_batch_finite(batch)
     model_loss_cfg = dataclasses.replace(loss_cfg, check_finite=False)
 
-    def loss_builder(idx, mb, tokens, logits):
-        _check_layout(logits, tokens)
+    def loss_builder(idx, micro: MicroBatch, logits):
+        _check_layout(logits, micro.input_ids)
         logits = _mask_vocab_padding(logits, vocab_size)
         if logits_hook is not None:
             replaced = logits_hook(idx, logits)
             logits = logits if replaced is None else replaced
-        target = shift_left(tokens)
-        logp, ent = vocab_parallel_logprobs(logits, target, temperature=temperature,
-                                            with_entropy=compute_entropy, chunk_size=chunk_size)
+        logp, ent = _row_logprobs(micro, logits, temperature=temperature, with_entropy=compute_entropy,
+                                  chunk_size=chunk_size)
+        mb = micro.rows
         mask = shift_left(mb.loss_mask, False).to(dev)
         old = logp.detach() if mb.old_logp is None else shift_left(mb.old_logp).to(dev)
         adv = mb.advantages.to(dev)
@@ -314,6 +344,7 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
         num_microbatches=float(n_mb),
         normalizer=normalizer,
         tokens=float(counts[2]),
+        computed_tokens=float(counts[3]),
         step_time_s=elapsed,
         tokens_per_s=float(counts[2]) / max(elapsed, 1e-9),
     )
@@ -323,20 +354,22 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
 @torch.no_grad()
 def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *, micro_batch_size: int,
                      temperature: float = 1.0, with_entropy: bool = False,
-                     vocab_size: Optional[int] = None, chunk_size: Optional[int] = None):
+                     vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
+                     max_tokens_per_micro_batch: int = 0, pack_sequences: bool = False,
+                     pad_token_id: int = 0):
     """Token-aligned log-probs `[B, S]` (and entropies) of `batch.tokens` without gradient.
 
     Runs the same pipeline schedule (forward only). Position 0 gets 0. The result is float32 on
     this rank's device and identical on every rank of the model-parallel group (broadcast from
     the last pipeline stage). Use it for old log-probs: `batch.with_old_logp(logp)`.
+    Micro-batch layouts as in `train_step`; rows are returned in `batch`'s order.
     """
-    from megatron_dgpo.ops import vocab_parallel_logprobs
-
     ps = _ps()
     config = prepare_model_config(model_chunks, None)
     s0 = batch.seq_length
-    padded = batch.pad_to(_pad_multiple(config))
-    micro_batches = padded.micro_batches(micro_batch_size)
+    mult = _pad_multiple(config)
+    micro_batches = microbatch.split(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens_per_micro_batch,
+                                     pack=pack_sequences, pad_multiple=mult, pad_token_id=pad_token_id)
     dev = _device()
     if vocab_size is None:
         vocab_size = _vocab_size_of(model_chunks)
@@ -344,11 +377,11 @@ def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *
     for c in model_chunks:
         c.eval()
 
-    def loss_builder(idx, mb, tokens, logits):
-        _check_layout(logits, tokens)
+    def loss_builder(idx, micro: MicroBatch, logits):
+        _check_layout(logits, micro.input_ids)
         logits = _mask_vocab_padding(logits, vocab_size)
-        logp, ent = vocab_parallel_logprobs(logits, shift_left(tokens), temperature=temperature,
-                                            with_entropy=with_entropy, chunk_size=chunk_size)
+        logp, ent = _row_logprobs(micro, logits, temperature=temperature, with_entropy=with_entropy,
+                                  chunk_size=chunk_size)
         out = {"logp": logp.float()}
         if ent is not None:
             out["entropy"] = ent.float()
@@ -361,14 +394,16 @@ def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *
         for c, t in zip(model_chunks, was_training):
             c.train(t)
 
-    b, s = padded.tokens.shape
+    b, s = batch.batch_size, microbatch.round_up(s0, mult)
     names = ["logp"] + (["entropy"] if with_entropy else [])
     result = {}
     for name in names:
+        shifted = torch.zeros((b, s), dtype=torch.float32, device=dev)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
-            shifted = torch.cat([o[name] for o in outputs], 0)
-        else:
-            shifted = torch.empty((b, s), dtype=torch.float32, device=dev)
+            for mb, o in zip(micro_batches, outputs):  # back to the batch's row order
+                if mb.index.numel():
+                    width = min(o[name].shape[1], s)
+                    shifted[mb.index.to(dev), :width] = o[name][:, :width]
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(shifted, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
