@@ -79,8 +79,8 @@ class RLTrainer:
                 self.policy.load_hf(ws.init_hf_path)
             if sft:
                 folder, trained = warm_start(self.policy, self.train_set.examples, self.tokenizer, cfg, self.say)
-                if trained:
-                    self.policy = Policy(cfg)  # fresh optimizer state for RL
+                if trained:  # fresh optimizer state for RL, in place: never two policies at once
+                    self.policy.reset_optimizer()
                 self.policy.load_hf(folder)
 
         self.engine, self.distributed_rollout = build_engine(cfg, self.tokenizer, self.rank)
@@ -207,6 +207,7 @@ class RLTrainer:
 
     def close(self) -> None:
         self.logger.close()
+        self.policy.close()  # freed now, not at a later cyclic gc (train/lifetime.py)
         if hasattr(self.reward_fn, "close"):
             self.reward_fn.close()
         self.run_dir.close()

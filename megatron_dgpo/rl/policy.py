@@ -137,6 +137,27 @@ class Policy:
 
         save_megatron_as_hf(self.chunks, self.cfg.model, path, source_dir=source_dir)
 
+    # ---- lifetime ------------------------------------------------------------------------------
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer state in place (as a newly built Policy would have it): see
+        train.lifetime.reset_optimizer_state. Used after the warm start instead of a second Policy,
+        which would hold a second model, gradients and Adam state while the first is alive."""
+        from megatron_dgpo.train.lifetime import reset_optimizer_state
+
+        reset_optimizer_state(self.optimizer)
+
+    def close(self) -> None:
+        """Retire the policy: break the reference cycles that Megatron's DDP and the schedule hooks
+        create (train.lifetime.release_chunks), so that model, gradient buffers and optimizer state
+        are freed by reference counting as soon as the last reference goes, not at a later cyclic
+        gc. The policy is unusable afterwards."""
+        from megatron_dgpo.train.lifetime import release_chunks
+
+        if self.chunks is None:
+            return
+        release_chunks(self.chunks)
+        self.chunks, self.optimizer, self._streamer = None, None, None
+
 
 def lr_at(step: int, total: int, base: float, warmup: int = 0) -> float:
     """Constant after a linear warm-up (the reference runs use a constant LR)."""

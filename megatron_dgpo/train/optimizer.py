@@ -35,7 +35,11 @@ def build_optimizer(model_chunks: List[torch.nn.Module], *, lr: float = 1e-6, we
         adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad,
         use_distributed_optimizer=bool(use_distributed_optimizer),
         bf16=bool(mcfg.bf16), fp16=bool(mcfg.fp16), params_dtype=mcfg.params_dtype, **overrides)
-    return get_megatron_optimizer(config=cfg, model_chunks=model_chunks)
+    optimizer = get_megatron_optimizer(config=cfg, model_chunks=model_chunks)
+    from megatron_dgpo.train.lifetime import remember_initial_groups
+
+    remember_initial_groups(optimizer)  # for lifetime.reset_optimizer_state
+    return optimizer
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -1,0 +1,104 @@
+"""torchrun worker (2 processes, TP=2): memory held by the RL loop (issue 18).
+
+* After a warm start trained now, only one policy's model exists (the cyclic gc disabled, so
+  only reference counting frees anything), and the RL steps equal those of a run whose warm start
+  came from the cache (a pristine policy): the in-place optimizer reset is complete.
+* A retired Policy (`close()`) is freed by reference counting alone.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import traceback
+import weakref
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from rl_loop import COMPARED, RESULTS, check, make_cfg, trainer  # noqa: E402
+
+import megatron_dgpo.trainer as trainer_mod  # noqa: E402
+from megatron_dgpo.train import pad_sequences  # noqa: E402
+
+
+class _Tracked(trainer_mod.Policy):
+    """Policy that records a weak reference to each model it builds."""
+    built: list = []
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        _Tracked.built.append(weakref.ref(self.chunks[0].module))
+
+
+def one_policy_after_warm_start(root):
+    out = os.path.join(root, "ws")
+    real = trainer_mod.Policy
+    trainer_mod.Policy = _Tracked
+    gc.collect()
+    gc.disable()
+    try:
+        tr = trainer(make_cfg(out, **{"algo.steps": 2}))
+        alive = sum(r() is not None for r in _Tracked.built)
+    finally:
+        gc.enable()
+        trainer_mod.Policy = real
+    check("one_policy_after_warm_start", alive == 1 and len(_Tracked.built) >= 1,
+          {"built": len(_Tracked.built), "alive_without_gc": alive})
+    trained_rows = [tr.step(s) for s in range(2)]
+    tr.close()
+    # The same configuration again: the warm start now comes from the cache into a pristine policy.
+    cached = trainer(make_cfg(out, **{"algo.steps": 2, "overwrite": True}))
+    cached_rows = [cached.step(s) for s in range(2)]
+    cached.close()
+    diffs = {k: [abs(a.get(k, 0) - b.get(k, 0)) for a, b in zip(trained_rows, cached_rows)] for k in COMPARED}
+    worst = max(max(v) for v in diffs.values())
+    updated = all("loss" in r and math.isfinite(r["loss"]) for r in trained_rows)
+    check("rl_numbers_as_from_fresh_policy", updated and worst < 1e-6, diffs)
+
+
+def closed_policy_freed_without_gc(root):
+    from megatron_dgpo.rl.policy import Policy
+
+    cfg = make_cfg(os.path.join(root, "close"))
+    gc.collect()
+    gc.disable()
+    try:
+        pol = Policy(cfg)
+        batch = pad_sequences([[1, 2, 3]] * 4, [[4, 5]] * 4, torch.ones(4))
+        pol.update(batch, temperature=1.0, lr=1e-2)  # gradients, Adam state, schedule hooks
+        model, opt = weakref.ref(pol.chunks[0].module), weakref.ref(pol.optimizer)
+        pol.close()
+        del pol
+        alive = (model() is not None, opt() is not None)
+    finally:
+        gc.enable()
+    check("closed_policy_freed_without_gc", alive == (False, False), {"model, optimizer alive": alive})
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    root = os.path.dirname(os.path.abspath(args.out))
+    from megatron_dgpo import distributed as mdist
+
+    mdist.initialize(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, seed=1234)
+    for name, fn in (("close", closed_policy_freed_without_gc), ("ws", one_policy_after_warm_start)):
+        try:
+            fn(root)
+        except Exception:
+            check(f"{name}_ran", False, traceback.format_exc())
+            raise
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(RESULTS, f)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
