@@ -232,7 +232,7 @@ def _rng_sharded(state) -> "object":
 def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], optimizer=None, *,
                     save_rng: bool = True, extra: Optional[dict] = None,
                     keep_last: Optional[int] = None, optimizer_format: str = DISTRIB_OPTIM_FORMAT,
-                    mem_efficient: Optional[bool] = None) -> str:
+                    mem_efficient: Optional[bool] = None, writers: int = 0) -> str:
     """Save atomically to `<root>/step_XXXXXXXX` and point `latest` at it. Collective.
 
     `optimizer_format` (distributed optimizer only): "fully_reshardable" (loads into any TP / PP /
@@ -242,6 +242,8 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
     the choice for very large models). `mem_efficient`: see `_optimizer_metadata` (None: gloo onto
     DP rank 0 on CPU, NCCL all-gather onto every DP rank on CUDA).
 
+    `writers`: writer processes per rank (Megatron's TorchDistSaveShardedStrategy thread_count;
+    each is a fork of the rank). 0: 1 on CPU, Megatron's default 2 on CUDA.
     `extra`: small JSON-serialisable dict stored in dgpo_meta.json (e.g. data-loader position).
     `keep_last`: delete older complete checkpoints beyond this many (after the new one is live).
     Scripts calling this need an `if __name__ == "__main__":` guard (dist_checkpointing spawns a
@@ -271,7 +273,7 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
     if save_rng:
         sd["rng_state"] = _rng_sharded(_rng_state())
     sd["step"] = int(step)
-    dist_checkpointing.save(sharded_state_dict=sd, checkpoint_dir=tmp)
+    dist_checkpointing.save(sharded_state_dict=sd, checkpoint_dir=tmp, sharded_strategy=_save_strategy(writers))
     _barrier()
 
     if rank == 0:
@@ -302,6 +304,15 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
     return final
+
+
+def _save_strategy(writers: int):
+    """Megatron's default torch_dist save strategy with `writers` writer processes per rank."""
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    if writers <= 0:
+        writers = 2 if torch.cuda.is_available() else 1
+    return TorchDistSaveShardedStrategy(backend="torch_dist", version=1, thread_count=int(writers))
 
 
 def _ensure_optimizer_state(optimizer) -> None:

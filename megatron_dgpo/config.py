@@ -160,6 +160,9 @@ class TrainConfig:
     # Distributed-optimizer checkpoints: "fully_reshardable" (resume in any TP/PP/DP layout; the
     # state is gathered over DP while saving) or "dp_reshardable" (parallel writes; DP may change).
     optimizer_checkpoint_format: str = "fully_reshardable"
+    # Writer processes per rank while saving a checkpoint (Megatron's thread_count; each is a fork
+    # of the rank, so the RSS they add is a multiple of it). 0: 1 on CPU, Megatron's 2 on CUDA.
+    checkpoint_writers: int = 0
     resume: bool = False
     overwrite: bool = False  # a fresh run may replace the checkpoints/metrics in output_dir
     tensorboard: bool = True
@@ -174,6 +177,8 @@ class TrainConfig:
         if self.optimizer_checkpoint_format not in OPTIM_FORMATS:
             raise ValueError(f"optimizer_checkpoint_format must be one of {OPTIM_FORMATS}, "
                              f"got {self.optimizer_checkpoint_format!r}")
+        if self.checkpoint_writers < 0:
+            raise ValueError(f"checkpoint_writers={self.checkpoint_writers} must be >= 0 (0: 1 on CPU, 2 on CUDA)")
         from megatron_dgpo.config_checks import check_train_config
 
         check_train_config(self)  # every field: finite, in range, layout consistent

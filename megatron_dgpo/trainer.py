@@ -166,7 +166,8 @@ class RLTrainer:
         checkpoint.save_checkpoint(self.ckpt_dir, step, self.policy.chunks, self.policy.optimizer,
                                    extra={"sampler": self.sampler.state_dict(), "skipped": self.skipped,
                                           "no_variance_streak": self.collapse.streak}, keep_last=2,
-                                   optimizer_format=self.cfg.optimizer_checkpoint_format)
+                                   optimizer_format=self.cfg.optimizer_checkpoint_format,
+                                   writers=self.cfg.checkpoint_writers)
 
     def run(self) -> dict:
         cfg = self.cfg

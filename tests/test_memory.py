@@ -4,7 +4,8 @@ import pytest
 
 from tests.torchrun_util import run_torchrun
 
-CHECKS = ["closed_policy_freed_without_gc", "one_policy_after_warm_start", "rl_numbers_as_from_fresh_policy"]
+CHECKS = ["closed_policy_freed_without_gc", "one_policy_after_warm_start", "rl_numbers_as_from_fresh_policy",
+          "checkpoint_writers_honoured"]
 
 
 @pytest.fixture(scope="module")

@@ -54,11 +54,30 @@ def one_policy_after_warm_start(root):
     # The same configuration again: the warm start now comes from the cache into a pristine policy.
     cached = trainer(make_cfg(out, **{"algo.steps": 2, "overwrite": True}))
     cached_rows = [cached.step(s) for s in range(2)]
+    writers_honoured(cached)
     cached.close()
     diffs = {k: [abs(a.get(k, 0) - b.get(k, 0)) for a, b in zip(trained_rows, cached_rows)] for k in COMPARED}
     worst = max(max(v) for v in diffs.values())
     updated = all("loss" in r and math.isfinite(r["loss"]) for r in trained_rows)
     check("rl_numbers_as_from_fresh_policy", updated and worst < 1e-6, diffs)
+
+
+def writers_honoured(tr):
+    """checkpoint_writers: the number of files each rank writes (one per writer process)."""
+    import glob
+
+    from megatron_dgpo import checkpoint
+
+    def files_per_rank(path):
+        names = [os.path.basename(f) for f in glob.glob(os.path.join(path, "*.distcp"))]
+        return sorted({n: sum(m.startswith(n.rsplit("_", 1)[0] + "_") for m in names) for n in names}.values())
+
+    tr.save(2)  # the config's default (0: one writer on CPU)
+    default = files_per_rank(os.path.join(tr.ckpt_dir, "step_00000002"))
+    path = checkpoint.save_checkpoint(tr.ckpt_dir, 3, tr.policy.chunks, tr.policy.optimizer, writers=3)
+    three = files_per_rank(path)
+    check("checkpoint_writers_honoured", tr.cfg.checkpoint_writers == 0 and set(default) == {1} and set(three) == {3},
+          {"default": default, "writers=3": three})
 
 
 def closed_policy_freed_without_gc(root):
