@@ -16,6 +16,7 @@ from megatron_dgpo.rl import rollout_stage
 from megatron_dgpo.rl.engines import EngineMemory, build_engine, sync_weights
 from megatron_dgpo.rl.evaluate import evaluate
 from megatron_dgpo.rl.guard import CollapseMonitor, TooManySkippedSteps, require_finite_weights  # noqa: F401
+from megatron_dgpo.rl.memory import StageMemory
 from megatron_dgpo.rl.metrics import MetricsLogger, complete_row, plot_run
 from megatron_dgpo.rl.policy import Policy
 from megatron_dgpo.rl.setup import load_data, load_tokenizer_for
@@ -85,6 +86,7 @@ class RLTrainer:
 
         self.engine, self.distributed_rollout = build_engine(cfg, self.tokenizer, self.rank)
         self.engine_memory = EngineMemory(cfg, self.engine)
+        self.stage_memory = StageMemory()  # mem/<stage>_peak_gb of every step (rl/memory.py)
         self.sync(self.start_step)
         self.reward_fn = _reward_fn(cfg, self.rank)
         self.logger = MetricsLogger(str(self.out), enabled=self.rank == 0, tensorboard=cfg.tensorboard,
@@ -117,8 +119,10 @@ class RLTrainer:
         # Reproducible rollouts, also after a resume: the seed depends only on the step.
         self.sampling.seed = (cfg.seed + 7919 * algo.seed) * 100003 + step
         examples = self.sampler.next_batch()
+        self.stage_memory.begin("rollout")
         ro = rollout_stage.collect(self.engine, self.reward_fn, self.tokenizer, examples, self.sampling,
                                    distributed=self.distributed_rollout, wait_timeout_s=_wait_timeout(cfg))
+        self.stage_memory.end()
         adv, keep, adv_stats = group_advantages(
             ro.rewards, cfg.rollout.group_size, scale="std" if algo.advantage == "grpo" else "none",
             filter_zero_variance=algo.filter_zero_variance)
@@ -133,14 +137,18 @@ class RLTrainer:
             self.engine_memory.release()
             batch = build_batch(ro, adv, keep, self.pad_id, multiple=_dp_size() * algo.mini_batches)
             t1 = time.perf_counter()
+            self.stage_memory.begin("old_logp")
             batch, gap = _with_old_logp(self.policy, batch, cfg, self.temperature)
+            self.stage_memory.end()
             row["old_logp_s"] = time.perf_counter() - t1
             if algo.tis_cap is not None:
                 w = tis_weights(batch.old_logp, batch.rollout_logp, cap=algo.tis_cap)
                 batch = dataclasses.replace(batch, advantages=batch.advantages[:, None] * w)
             updates, t1 = [], time.perf_counter()
+            self.stage_memory.begin("update")
             for _ in range(algo.epochs):
                 updates += self.policy.update(batch, temperature=self.temperature, lr=cfg.optim.lr)
+            self.stage_memory.end()
             row.update(_merge_updates(updates), train_rollout_logp_gap=gap, update_s=time.perf_counter() - t1)
             row["update_tokens_per_s"] = row.get("tokens", 0.0) / max(row["update_s"], 1e-9)
             if not math.isfinite(row.get("loss", float("nan"))) or row.get("update_successful", 1.0) < 1:
@@ -151,8 +159,11 @@ class RLTrainer:
                 if self.skipped >= algo.max_skipped_steps:
                     raise TooManySkippedSteps(f"{self.skipped} non-finite updates; aborting (algo.max_skipped_steps)")
         t1 = time.perf_counter()
+        self.stage_memory.begin("sync")
         self.sync(step + 1)
+        self.stage_memory.end()
         row["sync_s"] = time.perf_counter() - t1
+        row.update(self.stage_memory.collect())  # collective: the max over ranks
         row["step_s"] = time.perf_counter() - t0
         row["tokens_per_s"] = row["rollout_tokens"] / max(row["step_s"], 1e-9)
         row = complete_row(row)
@@ -184,6 +195,8 @@ class RLTrainer:
             if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 self.save(step + 1)
         progress.close()
+        self.say(self.stage_memory.summary())
+        summary["memory_peak_gb"] = dict(self.stage_memory.run_max)
         # Resumed after the final checkpoint: the final evaluation may already be logged.
         summary["eval_after"] = self._logged_eval(cfg.algo.steps) or self.evaluate(cfg.algo.steps)
         if self.rank == 0:

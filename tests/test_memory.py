@@ -5,7 +5,7 @@ import pytest
 from tests.torchrun_util import run_torchrun
 
 CHECKS = ["closed_policy_freed_without_gc", "one_policy_after_warm_start", "rl_numbers_as_from_fresh_policy",
-          "checkpoint_writers_honoured"]
+          "checkpoint_writers_honoured", "memory_keys_every_step"]
 
 
 @pytest.fixture(scope="module")

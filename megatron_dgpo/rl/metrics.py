@@ -37,6 +37,17 @@ TRAIN_KEYS = {
 }
 # Eval rows ("kind": "eval"): eval_* metrics of rl.evaluate, and eval_s (its wall time).
 STAGE_TIMES = ("rollout_s", "reward_s", "old_logp_s", "update_s", "sync_s")
+# Peak memory of each stage, per rank, the maximum over ranks (rl/memory.py). Source: on CUDA
+# torch.cuda.max_memory_allocated (live tensor bytes; the peak is reset at each stage's start), on
+# CPU the process's peak resident set size during the stage (VmHWM, reset through
+# /proc/self/clear_refs): everything the rank's process holds. 0.0 for a stage that did not run.
+MEMORY_KEYS = {
+    "mem/rollout_peak_gb": "peak memory per rank during rollout and reward (GB)",
+    "mem/old_logp_peak_gb": "peak memory per rank during the old log-prob forward (GB)",
+    "mem/update_peak_gb": "peak memory per rank during the policy update (GB)",
+    "mem/sync_peak_gb": "peak memory per rank during the weight sync (GB)",
+}
+TRAIN_KEYS.update(MEMORY_KEYS)
 
 
 def complete_row(row: dict) -> dict:
@@ -44,7 +55,7 @@ def complete_row(row: dict) -> dict:
     out = dict(row)
     for key in TRAIN_KEYS:
         if key not in out:
-            out[key] = 0.0 if key in STAGE_TIMES else float("nan")
+            out[key] = 0.0 if key in STAGE_TIMES or key in MEMORY_KEYS else float("nan")
     return out
 
 

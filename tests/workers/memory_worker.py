@@ -56,10 +56,43 @@ def one_policy_after_warm_start(root):
     cached_rows = [cached.step(s) for s in range(2)]
     writers_honoured(cached)
     cached.close()
+    memory_keys_every_step(trained_rows + cached_rows, root)
     diffs = {k: [abs(a.get(k, 0) - b.get(k, 0)) for a, b in zip(trained_rows, cached_rows)] for k in COMPARED}
     worst = max(max(v) for v in diffs.values())
     updated = all("loss" in r and math.isfinite(r["loss"]) for r in trained_rows)
     check("rl_numbers_as_from_fresh_policy", updated and worst < 1e-6, diffs)
+
+
+def memory_keys_every_step(updated_rows, root):
+    """mem/<stage>_peak_gb on every train row, finite, the same on every rank (max over ranks),
+    in metrics.jsonl; a step skipped for lack of reward variance has them too (0 for the stages
+    it did not run)."""
+    from rl_loop import NoVarianceReward
+
+    from megatron_dgpo.rl.metrics import MEMORY_KEYS, read_metrics
+
+    out = os.path.join(root, "novar")
+    tr = trainer(make_cfg(out, **{"algo.steps": 1}))
+    if dist.get_rank() == 0:
+        tr.reward_fn = NoVarianceReward()
+    skipped = tr.step(0)
+    tr.close()
+    keys = sorted(MEMORY_KEYS)
+    stages = ("mem/rollout_peak_gb", "mem/sync_peak_gb")
+    ok_updated = all(all(math.isfinite(r[k]) and r[k] > 0 for k in keys) for r in updated_rows)
+    ok_skipped = "skipped" in skipped and all(math.isfinite(skipped[k]) for k in keys) and all(
+        skipped[k] > 0 for k in stages) and skipped["mem/update_peak_gb"] == 0.0
+    mine = torch.tensor([r[k] for r in updated_rows for k in keys], dtype=torch.float64)
+    other = mine.clone()
+    dist.broadcast(other, src=0)
+    same = torch.equal(mine, other)
+    logged = True
+    if dist.get_rank() == 0:
+        rows = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["kind"] == "train"]
+        logged = len(rows) == 1 and all(math.isfinite(rows[0][k]) for k in keys)
+    check("memory_keys_every_step", ok_updated and ok_skipped and same and logged,
+          {"updated": [{k: r[k] for k in keys} for r in updated_rows], "skipped": {k: skipped.get(k) for k in keys},
+           "same_on_ranks": same, "logged": logged})
 
 
 def writers_honoured(tr):
