@@ -266,7 +266,8 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
     _barrier()
 
     sd = _model_sharded_state_dict(model_chunks)
-    if optimizer is not None:
+    untouched = optimizer is not None and _untouched(optimizer)
+    if optimizer is not None and not untouched:
         _ensure_optimizer_state(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(
             sd, is_loading=False, metadata=_optimizer_metadata(optimizer_format, mem_efficient))
@@ -280,6 +281,7 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
         model_cfg = getattr(_unwrapped(model_chunks)[0], "model_cfg", None)
         distributed = optimizer is not None and _is_distributed(optimizer)
         meta = {"step": int(step), "layout": _layout(), "has_optimizer": optimizer is not None,
+                "optimizer_untouched": untouched,
                 "distributed_optimizer": distributed,
                 "optimizer_format": optimizer_format if distributed else "model_space",
                 "has_rng": save_rng, "megatron_core": _megatron_version(),
@@ -313,6 +315,20 @@ def _save_strategy(writers: int):
     if writers <= 0:
         writers = 2 if torch.cuda.is_available() else 1
     return TorchDistSaveShardedStrategy(backend="torch_dist", version=1, thread_count=int(writers))
+
+
+def _untouched(optimizer) -> bool:
+    """No optimizer step was ever taken (no Adam state on any rank; collective): its checkpoint is
+    then the model alone, marked `optimizer_untouched`, instead of zero moments (as large as the
+    master weights twice over) allocated only to be written. Loading it resets the optimizer."""
+    from megatron_dgpo.train.lifetime import inner_optimizers
+
+    flag = torch.tensor([0 if any(len(o.state) for o in inner_optimizers(optimizer)) else 1], dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _ensure_optimizer_state(optimizer) -> None:
@@ -461,9 +477,11 @@ def load_checkpoint(path_or_root: str, model_chunks: List[torch.nn.Module], opti
 
     sd = _model_sharded_state_dict(model_chunks)
     want_opt = optimizer is not None and load_optimizer
+    if want_opt and not meta.get("has_optimizer"):
+        raise ValueError(f"{path} has no optimizer state")
+    fresh_opt = want_opt and bool(meta.get("optimizer_untouched"))
+    want_opt = want_opt and not fresh_opt
     if want_opt:
-        if not meta.get("has_optimizer"):
-            raise ValueError(f"{path} has no optimizer state")
         fmt = meta.get("optimizer_format", DISTRIB_OPTIM_FORMAT)
         if bool(meta.get("distributed_optimizer")) != _is_distributed(optimizer):
             raise ValueError(f"{path}: optimizer state saved with distributed_optimizer="
@@ -495,6 +513,10 @@ def load_checkpoint(path_or_root: str, model_chunks: List[torch.nn.Module], opti
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
     elif optimizer is not None:
+        if fresh_opt:  # saved before any optimizer step: as it was then
+            from megatron_dgpo.train.lifetime import reset_optimizer_state
+
+            reset_optimizer_state(optimizer)
         optimizer.reload_model_params()  # refresh fp32 main params from the loaded weights
     if load_rng:
         _set_rng_state(loaded["rng_state"])
