@@ -48,7 +48,8 @@ def main():
     print(f"vocab {a.vocab}, batch {a.batch}, {a.new_tokens} new tokens, device {a.device}; "
           f"one float32 [B, V] = {one / 2**20:.0f} MiB")
     print(f"{'sampling':<26} {'sampler':<10} {'peak MiB':>9} {'x [B,V]':>8} {'ratio':>6} {'s/step':>7}")
-    for name, kw in (("T=1", dict(temperature=1.0)), ("T=0.7 top_k=50 top_p=0.9", dict(temperature=0.7, top_k=50, top_p=0.9))):
+    cases = (("T=1", dict(temperature=1.0)), ("T=0.7 top_k=50 top_p=0.9", dict(temperature=0.7, top_k=50, top_p=0.9)))
+    for name, kw in cases:
         sp = SamplingParams(n=a.batch, max_new_tokens=a.new_tokens, seed=5, **kw)
         base = None
         results = {}

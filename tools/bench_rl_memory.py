@@ -78,15 +78,60 @@ class TreeSampler:
         self._t.join()
 
 
+ALLOC_PEAKS: dict = {}
+ALLOC_STEPS: dict = {}  # per stage: (peak extra, net change) of each step, GB
+
+
+def profile_stages():
+    """Wrap rl.memory.StageMemory so that each stage also runs under the torch profiler: the peak
+    of torch-allocated bytes above the stage's start, replayed from the allocation events
+    (deterministic, unlike RSS, which depends on what the C allocator kept from earlier frees).
+    A gc.collect() precedes each stage: garbage of earlier stages (objects in reference cycles)
+    freed inside the window would otherwise lower the peak by its size at random."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_dgpo.rl.memory import StageMemory
+
+    begin, end = StageMemory.begin, StageMemory.end
+
+    def begin_p(self, stage):
+        gc.collect()  # earlier garbage freed inside the window would lower the measured peak
+        begin(self, stage)
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+
+    def end_p(self):
+        stage = self._stage
+        self._prof.__exit__(None, None, None)
+        import torch
+
+        events = sorted((e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        running = peak = 0
+        for _, n in events:
+            running += n
+            peak = max(peak, running)
+        ALLOC_PEAKS[stage] = max(ALLOC_PEAKS.get(stage, 0), peak)
+        ALLOC_STEPS.setdefault(stage, []).append((round(peak / GB, 3), round(running / GB, 3)))
+        end(self)
+
+    StageMemory.begin, StageMemory.end = begin_p, end_p
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--dense-reward", action="store_true",
                    help="seeded random rewards (every group has variance, every step updates)")
+    p.add_argument("--torch-alloc", action="store_true",
+                   help="also each stage's peak torch-allocated bytes above its start "
+                        "(profiler allocation events, ops/_memprofile.py): alloc/<stage>_extra_gb")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     cfg = load_config(TrainConfig, a.config, a.overrides + ["tensorboard=false", "overwrite=true"])
     me = psutil.Process()
+    if a.torch_alloc:
+        profile_stages()
     tr = RLTrainer(cfg, log=lambda *x, **k: None)
     out = {"startup_rss_gb": me.memory_info().rss / GB}
     if a.dense_reward and dist.get_rank() == 0:
@@ -96,6 +141,8 @@ def main():
     rows = [tr.step(s) for s in range(cfg.algo.steps)]
     for key in sorted(k for k in rows[0] if k.startswith("mem/")):
         out[key] = max(r[key] for r in rows)
+    for stage, peak in sorted(ALLOC_PEAKS.items()):
+        out[f"alloc/{stage}_extra_gb"] = peak / GB
     before = me.memory_info().rss
     with TreeSampler() as s:
         tr.save(cfg.algo.steps)
@@ -105,6 +152,8 @@ def main():
     box = [None] * dist.get_world_size()
     dist.all_gather_object(box, out)
     if dist.get_rank() == 0:
+        if ALLOC_STEPS:
+            print("alloc per step (peak extra, net):", json.dumps(ALLOC_STEPS))
         print(json.dumps({"accuracy": [r["accuracy"] for r in rows], "reward_mean": [r["reward_mean"] for r in rows]}))
         print(f"{'per rank (max over ranks)':<28} {'value':>8}")
         for k in out:

@@ -60,8 +60,8 @@ class StageMemory:
         then a fresh step."""
         vals = torch.tensor([self.peaks.get(s, 0.0) for s in STAGES], dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dev = torch.device("cuda", torch.cuda.current_device()) if self.cuda and dist.get_backend() == "nccl" else "cpu"
-            vals = vals.to(dev)
+            nccl = self.cuda and dist.get_backend() == "nccl"
+            vals = vals.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
             dist.all_reduce(vals, op=dist.ReduceOp.MAX)
         out = {key(s): float(v) for s, v in zip(STAGES, vals.cpu().tolist())}
         for s in STAGES:
