@@ -1,0 +1,273 @@
+"""LM head + log-prob + entropy in one autograd function: no `[T, V/TP]` logits tensor, ever.
+
+`fused_lm_head_logprobs(hidden, weight, target, ...)` takes the final hidden states of this rank
+(`[S, B, H]` or `[T, H]`, what Megatron's output layer receives: sequence-sharded when sequence
+parallelism is on), this rank's output-layer weight shard `[V/TP, H]` (rank r owns ids
+[r*V/TP, (r+1)*V/TP)) and the global target ids, and returns per-token `log softmax(z)[target]`
+and the entropy of softmax(z), z = hidden @ weight.T / temperature, float32, replicated on
+every TP rank: the same values as `ColumnParallelLinear` followed by `vocab_parallel_logprobs`.
+
+Forward: tokens are processed `chunk_tokens` rows at a time. Each chunk's logits shard is computed
+by one matmul into a reusable buffer, reduced to per-token (max, sum of exp, sum of exp * x,
+target logit) relative to the chunk's local max with the formulas of `logprobs.py` (`row_sums`),
+and discarded. After the last chunk the per-rank statistics are combined exactly as the Triton
+backend does (`combine_partial_stats`: one MAX all-reduce, rescaling, one SUM all-reduce of the
+stacked `[3, T]` statistics), so the whole forward costs two collectives, not two per chunk.
+Saved for backward: the hidden states (a reference, no copy), and per token lse, H, target.
+
+Backward recomputes each chunk's logits, forms d loss / d logits from the incoming d logp and
+d entropy (`grad_coefs` / `grad_rows` of `logprobs.py`, the same formulas and rounding as the
+materialised path), and accumulates
+  * d hidden = dlogits @ W chunk by chunk into a `[T, H]` tensor, then, as Megatron's
+    ColumnParallelLinear backward: all-reduce over TP, or reduce-scatter along the sequence with SP
+    (the forward all-gathers the sequence-sharded input; backward gathers it again rather than
+    keeping the gathered copy alive, as Megatron does);
+  * d weight = dlogits^T @ hidden in float32. When the weight carries Megatron DDP's `main_grad`
+    (fp32 buffer) the sum goes straight into it, `grad_added_to_main_grad` is set and a dummy
+    gradient is returned (zeros when `zero_out_wgrad`, i.e. tied embeddings on one pipeline stage,
+    where autograd adds the embedding's own gradient to it), as LinearWithGradAccumulationAndAsync-
+    Communication does with `gradient_accumulation_fusion`; DDP's hook then skips the add.
+    Without `main_grad` the float32 sum is returned in the weight's dtype.
+Peak extra memory: O(chunk_tokens x V/TP) buffers + O(T x H) for d hidden (+ the gathered
+input with SP) + the float32 d weight accumulator when there is no `main_grad` and the weight is
+not float32 (a fixed V/TP x H, independent of T).
+
+Vocabulary padding: ids >= `vocab_size` (Megatron pads the vocabulary to a TP multiple) get
+logits -inf in every chunk, hence probability 0 and gradient exactly 0, as the train step's
+masking of materialised logits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron_dgpo.ops.logprobs import (_resolve_group, combine_partial_stats, grad_coefs, grad_rows,
+                                        logp_entropy_from_stats, row_sums)
+
+__all__ = ["fused_lm_head_logprobs", "default_lm_head_chunk"]
+
+# Bytes of one float32 [chunk, V/TP] work buffer. Each chunk is one GEMM of
+# [chunk, H] x [H, V/TP]: large enough to run near peak (chunk >= a few hundred rows on GPUs).
+_CHUNK_BYTES_CUDA = 256 * 2**20
+_CHUNK_BYTES_CPU = 32 * 2**20
+
+
+def default_lm_head_chunk(vocab_local: int, device: torch.device | str | None = None) -> int:
+    """Tokens per chunk so that one float32 [chunk, V/TP] buffer is ~32 MiB (CPU) or ~256 MiB (CUDA)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    budget = _CHUNK_BYTES_CUDA if device.type == "cuda" else _CHUNK_BYTES_CPU
+    return max(1, budget // (4 * max(1, vocab_local)))
+
+
+def _gather_seq(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    """All-gather along dim 0 (Megatron's sequence-parallel gather)."""
+    out = torch.empty((x.shape[0] * world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _logits_chunk(x, weight, out, pad_from):
+    """out = x @ weight.T (this rank's logits of these rows), padding columns set to -inf."""
+    torch.mm(x, weight.t(), out=out)
+    if pad_from is not None:
+        out[:, pad_from:] = -math.inf
+    return out
+
+
+def _accumulate_wgrad(acc, g, x, tmp):
+    """acc (float32) += g^T @ x. Mixed precision: Apex's fused fp32-accumulating GEMM when present
+    (what Megatron uses for gradient_accumulation_fusion), else the chunk's product in the inputs'
+    dtype (fp32 accumulation inside the GEMM, one rounding per chunk) added in float32."""
+    if g.dtype == acc.dtype:
+        acc.addmm_(g.t(), x)
+        return
+    if acc.is_cuda:
+        try:
+            import fused_weight_gradient_mlp_cuda  # Apex, as in megatron.core.tensor_parallel.layers
+        except ImportError:
+            pass
+        else:
+            fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x, g, acc)
+            return
+    acc.add_(torch.mm(g.t(), x, out=tmp))
+
+
+class _FusedLMHeadLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, group, world, rank, temperature, with_entropy, chunk,
+                vocab_size, sequence_parallel):
+        ctx.set_materialize_grads(False)
+        f32 = torch.float32
+        dev = hidden.device
+        h = hidden.shape[-1]
+        vl = weight.shape[0]
+        sp = sequence_parallel and world > 1
+        total = _gather_seq(hidden, group, world) if sp else hidden
+        lead = total.shape[:-1]
+        x = total.reshape(-1, h)
+        n = x.shape[0]
+        if tuple(target.shape) != tuple(lead):
+            raise ValueError(f"target shape {tuple(target.shape)} != hidden tokens {tuple(lead)} "
+                             f"(after the sequence-parallel gather)")
+
+        tgt = target.reshape(-1).to(device=dev, dtype=torch.long)
+        local_t = tgt - rank * vl
+        owned = (local_t >= 0) & (local_t < vl)
+        local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
+        pad_from = None
+        if vocab_size is not None and vocab_size - rank * vl < vl:
+            pad_from = max(vocab_size - rank * vl, 0)
+        t_div = None if temperature == 1.0 else torch.full((1, 1), temperature, dtype=f32, device=dev)
+
+        # Per-rank statistics relative to each row's local max r (0 where the shard is all -inf):
+        # rows [S, unused, E] of `part`, z_target in `zt`.
+        m = torch.empty(n, dtype=f32, device=dev)
+        part = torch.zeros(3 if with_entropy else 2, n, dtype=f32, device=dev)
+        zt = torch.zeros(n, dtype=f32, device=dev)
+        c = max(1, min(chunk, n))
+        blog = torch.empty(c, vl, dtype=weight.dtype, device=dev)
+        bx = torch.empty(c, vl, dtype=f32, device=dev)
+        be = torch.empty(c, vl, dtype=f32, device=dev)
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            lg = _logits_chunk(x[s:e], weight, blog[:e - s], pad_from)
+            mc = torch.amax(lg, dim=-1).to(f32) if vl > 0 else torch.full((e - s,), -math.inf, dtype=f32, device=dev)
+            if t_div is not None:
+                mc = mc / t_div.view(1)
+            m[s:e] = mc
+            row_sums(lg, mc.masked_fill(mc == -math.inf, 0.0), t_div, bx, be, part[:, s:e])
+            if vl > 0:
+                z = lg.gather(1, local_t[s:e].unsqueeze(1)).squeeze(1).to(f32)
+                zt[s:e] = z / t_div.view(1) if t_div is not None else z
+        del blog, bx, be
+        ref, s_sum, e_sum = combine_partial_stats(m, part[0], part[2] if with_entropy else None, group, world)
+        xt = torch.where(owned, zt - ref, torch.zeros_like(ref))
+        stats = torch.stack([s_sum, xt, e_sum]) if with_entropy else torch.stack([s_sum, xt])
+        if world > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        logp, ent, lse = logp_entropy_from_stats(stats, ref, with_entropy)
+
+        ctx.save_for_backward(hidden, weight, local_t, owned, lse, ent)
+        ctx.meta = (group, world, temperature, c, pad_from, sp)
+        return logp.view(lead), (ent.view(lead) if ent is not None else None)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, local_t, owned, lse, ent = ctx.saved_tensors
+        group, world, temperature, c, pad_from, sp = ctx.meta
+        if g_logp is None and g_ent is None:
+            return (None,) * 11
+        f32 = torch.float32
+        dev = hidden.device
+        h = hidden.shape[-1]
+        vl = weight.shape[0]
+        total = _gather_seq(hidden, group, world) if sp else hidden
+        x = total.reshape(-1, h)
+        n = x.shape[0]
+        t_div = None if temperature == 1.0 else torch.full((1, 1), temperature, dtype=f32, device=dev)
+        coef_c, coef_y, onehot = grad_coefs(g_logp, g_ent, ent, owned, temperature, n, dev)
+
+        # Where d weight goes: Megatron DDP's float32 main_grad when the weight has one (see the
+        # module docstring), else a float32 accumulator returned in the weight's dtype.
+        main_grad = getattr(weight, "main_grad", None)
+        into_main = main_grad is not None and main_grad.dtype == f32 and hasattr(weight, "grad_added_to_main_grad")
+        need_wgrad = ctx.needs_input_grad[1]
+        if not need_wgrad:
+            acc = None
+        elif into_main:
+            acc = main_grad
+        else:
+            acc = torch.zeros(weight.shape, dtype=f32, device=dev)
+        tmp = torch.empty_like(weight) if acc is not None and weight.dtype != f32 else None
+
+        dx = torch.empty((n, h), dtype=hidden.dtype, device=dev)
+        blog = torch.empty(c, vl, dtype=weight.dtype, device=dev)
+        bg = torch.empty(c, vl, dtype=weight.dtype, device=dev)
+        by = torch.empty(c, vl, dtype=f32, device=dev) if (weight.dtype != f32 and coef_y is not None) else None
+        bp = torch.empty(c, vl, dtype=f32, device=dev)
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            k = e - s
+            lg = _logits_chunk(x[s:e], weight, blog[:k], pad_from)
+            g = bg[:k]
+            grad_rows(g, lg, lse[s:e], t_div, coef_c[s:e], None if coef_y is None else coef_y[s:e],
+                      None if onehot is None else onehot[s:e], local_t[s:e].unsqueeze(1), by, bp)
+            torch.mm(g, weight, out=dx[s:e])
+            if acc is not None:
+                _accumulate_wgrad(acc, g, x[s:e], tmp)
+        del blog, bg, by, bp, tmp
+
+        if sp:
+            dh = torch.empty(hidden.shape, dtype=dx.dtype, device=dev)
+            dist.reduce_scatter_tensor(dh, dx.view(total.shape), group=group)
+        else:
+            if world > 1:
+                dist.all_reduce(dx, group=group)
+            dh = dx.view(hidden.shape)
+
+        if acc is None:
+            dw = None
+        elif into_main:
+            # As LinearWithGradAccumulationAndAsyncCommunication: a dummy gradient keeps DDP's
+            # post-accumulate hook firing (overlap_grad_reduce counts on it) without a second add.
+            dw = (torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty)(
+                weight.shape, dtype=weight.dtype, device=dev)
+            weight.grad_added_to_main_grad = True
+        else:
+            dw = acc if weight.dtype == f32 else acc.to(weight.dtype)
+        return (dh if ctx.needs_input_grad[0] else None, dw) + (None,) * 9
+
+
+def fused_lm_head_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    tp_group=None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int | None = None,
+    vocab_size: int | None = None,
+    sequence_parallel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-prob of `target` (and entropy) under softmax(hidden @ weight.T / temperature).
+
+    Args:
+        hidden: `[..., H]` final hidden states (after the final norm) of this rank, the output
+            layer's input. With `sequence_parallel`, dim 0 is this rank's slice of the sequence
+            (Megatron's `[S/TP, B, H]`) and is all-gathered over the TP group.
+        weight: this rank's vocabulary shard of the output layer `[V/TP, H]` (or of the tied
+            embedding). Its gradient goes to `weight.main_grad` when Megatron DDP set one.
+        target: global token ids of shape `hidden.shape[:-1]` (after the gather with SP).
+        tp_group: the TP ProcessGroup; None: Megatron's when initialised, else no parallelism.
+        temperature: logits are divided by it. Must be > 0.
+        with_entropy: also return the entropy.
+        chunk_tokens: tokens per chunk; None picks `default_lm_head_chunk(V/TP, device)`.
+        vocab_size: the real vocabulary; ids >= vocab_size (padding rows of `weight`) are masked.
+        sequence_parallel: `hidden` is sequence-sharded (gather forward, reduce-scatter backward).
+
+    Returns:
+        `(logp, entropy)`, float32 of shape `target.shape`, identical on every TP rank; `entropy`
+        is None unless `with_entropy`. Differentiable w.r.t. `hidden` and `weight`.
+    """
+    if hidden.dim() < 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"expected hidden [..., H] and weight [V/TP, H], got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    temperature = float(temperature)
+    if not (temperature > 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if chunk_tokens is not None and int(chunk_tokens) < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    group = _resolve_group(tp_group)
+    if group is None:
+        world, rank = 1, 0
+    else:
+        world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+    chunk = int(chunk_tokens) if chunk_tokens is not None else default_lm_head_chunk(weight.shape[0], weight.device)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have one dtype")
+    logp, ent = _FusedLMHeadLogprobs.apply(hidden, weight, target, group, world, rank, temperature,
+                                          bool(with_entropy), chunk, vocab_size, bool(sequence_parallel))
+    return logp, (ent if with_entropy else None)
