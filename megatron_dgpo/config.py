@@ -89,9 +89,17 @@ class AlgoConfig:
     old_logp_source: Literal["trainer", "rollout"] = "trainer"
     tis_cap: Optional[float] = None  # truncated IS correction min(pi_old / pi_rollout, cap)
     max_skipped_steps: int = 3  # abort after this many non-finite updates
+    # LM head + log-prob + entropy fused on the last pipeline stage (ops/lm_head.py): no [T, V/TP]
+    # logits or logit gradient in the policy update and the old-log-prob pass; same values.
+    fused_lm_head: bool = True
+    lm_head_chunk_tokens: Optional[int] = None  # tokens per chunk (None: ~256 MiB fp32 buffer on CUDA, 32 MiB on CPU)
     # Seed of the RL phase (prompt order, rollout sampling); the warm start depends only on the
     # top-level seed, so runs that differ here share one cached warm start.
     seed: int = 0
+
+    def __post_init__(self):
+        if self.lm_head_chunk_tokens is not None and self.lm_head_chunk_tokens < 1:
+            raise ValueError(f"algo.lm_head_chunk_tokens must be >= 1 or null, got {self.lm_head_chunk_tokens}")
 
 
 @dataclass

@@ -48,7 +48,7 @@ class Policy:
         dp = ps.get_data_parallel_world_size()
         local = batch.dp_shard() if dp > 1 else batch
         logp, _ = forward_logprobs(self.chunks, local, micro_batch_size=self.micro_batch(local),
-                                   temperature=temperature)
+                                   temperature=temperature, **self._lm_head())
         if dp > 1:
             parts = [torch.empty_like(logp) for _ in range(dp)]
             torch.distributed.all_gather(parts, logp.contiguous(), group=ps.get_data_parallel_group())
@@ -74,9 +74,14 @@ class Policy:
                                  f"data-parallel size {dp}: make prompts_per_step * group_size / mini_batches a multiple")
             local = mini.dp_shard()
             metrics = train_step(self.chunks, self.optimizer, local, loss_cfg or self.cfg.loss,
-                                 micro_batch_size=self.micro_batch(local), temperature=temperature, lr=lr)
+                                 micro_batch_size=self.micro_batch(local), temperature=temperature, lr=lr,
+                                 **self._lm_head())
             out.append(metrics)
         return out
+
+    def _lm_head(self) -> dict:
+        return dict(fused_lm_head=self.cfg.algo.fused_lm_head,
+                    lm_head_chunk_tokens=self.cfg.algo.lm_head_chunk_tokens)
 
     def micro_batch(self, batch: RolloutBatch) -> int:
         """The largest divisor of the batch size not above algo.micro_batch_size."""

@@ -17,7 +17,8 @@ Normalisation (exact, independent of TP, PP, DP size and the micro-batch split):
 Logits: GPTModel returns vocab-parallel logits `[B, S, V/TP]` when `labels=None` (it transposes
 its `[S, B, V/TP]` output); they are never gathered over the vocabulary: log-probs come from
 `megatron_dgpo.ops.vocab_parallel_logprobs`. Vocabulary padding rows (ids >= model_cfg.vocab_size)
-are masked to -inf so the distribution equals the unpadded model's.
+are masked to -inf so the distribution equals the unpadded model's. With `fused_lm_head` no
+logits exist: the output layer computes log-probs from the hidden states (train/lm_head.py).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dgpo.train.batch import RolloutBatch, shift_left
+from megatron_dgpo.train.lm_head import LMHead, fuse_next_forward, logprobs_from_output
 
 __all__ = ["train_step", "forward_logprobs", "prepare_model_config"]
 
@@ -75,25 +77,7 @@ def _vocab_size_of(model_chunks) -> Optional[int]:
     return None if cfg is None else cfg.vocab_size
 
 
-def _mask_vocab_padding(logits: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
-    if vocab_size is None:
-        return logits
-    ps = _ps()
-    v_local = logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * v_local
-    lo = max(vocab_size - start, 0)
-    if lo < v_local:
-        logits[..., lo:] = float("-inf")  # logits is GPTModel's fresh transposed copy
-    return logits
-
-
-def _check_layout(logits: torch.Tensor, tokens: torch.Tensor):
-    if tuple(logits.shape[:2]) != tuple(tokens.shape):
-        raise RuntimeError(f"expected GPTModel logits [B, S, V/TP] for tokens {tuple(tokens.shape)}, "
-                           f"got {tuple(logits.shape)}")
-
-
-def _forward_step_func(loss_builder):
+def _forward_step_func(loss_builder, head: Optional[LMHead] = None):
     dev = _device()
 
     def forward_step(data_iterator, model):
@@ -101,6 +85,7 @@ def _forward_step_func(loss_builder):
         tokens = mb.tokens.to(dev, non_blocking=True)
         b, s = tokens.shape
         pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, -1)
+        fuse_next_forward(model, shift_left(tokens), head)  # no-op unless head.fused (last stage)
         out = model(input_ids=tokens, position_ids=pos, attention_mask=None)
         return out, functools.partial(loss_builder, idx, mb, tokens)
 
@@ -213,7 +198,8 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
                micro_batch_size: int, temperature: float = 1.0, compute_entropy: bool = True,
                vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
                lr: Optional[float] = None,
-               logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None) -> Dict[str, float]:
+               logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None,
+               fused_lm_head: bool = False, lm_head_chunk_tokens: Optional[int] = None) -> Dict[str, float]:
     """Forward + backward of the policy loss over `batch` (this DP rank's share) and one
     optimizer step. Returns metrics reduced over DP, identical on every rank.
 
@@ -222,7 +208,8 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     (old = current, detached). The sequence dimension is padded to what SP / FP8 need.
     `logits_hook(micro_batch_index, logits)` is called on the last stage with the masked
     vocab-parallel logits; if it returns a tensor, that is used instead (tests return a clone
-    with a gradient hook to capture d loss / d logits).
+    with a gradient hook to capture d loss / d logits). `fused_lm_head`: log-probs straight from
+    the hidden states (train/lm_head.py, no logits; `logits_hook` needs the materialised path).
 
     Metrics: the policy_loss metrics (loss = global loss, *_tokens = global counts, the rest
     token-weighted means), `entropy`, `rollout_logp_abs_diff` / `rollout_logp_diff` (train minus
@@ -230,7 +217,6 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     `num_microbatches`, `tokens` (non-pad tokens, global), `step_time_s`, `tokens_per_s`.
     """
     from megatron_dgpo.loss import policy_loss
-    from megatron_dgpo.ops import vocab_parallel_logprobs
 
     t0 = time.perf_counter()
     ps = _ps()
@@ -263,15 +249,14 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     _check_batch_finite(batch)
     model_loss_cfg = dataclasses.replace(loss_cfg, check_finite=False)
 
-    def loss_builder(idx, mb, tokens, logits):
-        _check_layout(logits, tokens)
-        logits = _mask_vocab_padding(logits, vocab_size)
-        if logits_hook is not None:
-            replaced = logits_hook(idx, logits)
-            logits = logits if replaced is None else replaced
-        target = shift_left(tokens)
-        logp, ent = vocab_parallel_logprobs(logits, target, temperature=temperature,
-                                            with_entropy=compute_entropy, chunk_size=chunk_size)
+    if fused_lm_head and logits_hook is not None:
+        raise ValueError("train_step: logits_hook needs the materialised LM head (fused_lm_head=False)")
+    head = LMHead(fused=fused_lm_head, temperature=temperature, with_entropy=compute_entropy,
+                  chunk_tokens=lm_head_chunk_tokens, logprob_chunk=chunk_size, vocab_size=vocab_size)
+
+    def loss_builder(idx, mb, tokens, out):
+        hook = functools.partial(logits_hook, idx) if logits_hook is not None else None
+        logp, ent = logprobs_from_output(out, shift_left(tokens), head, hook)
         mask = shift_left(mb.loss_mask, False).to(dev)
         old = logp.detach() if mb.old_logp is None else shift_left(mb.old_logp).to(dev)
         adv = mb.advantages.to(dev)
@@ -292,7 +277,7 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    stats_list = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder),
+    stats_list = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder, head),
                            forward_only=False, config=config)
     if normalizer == 0:  # no loss token anywhere: Adam's momentum would still move the weights
         update_successful, grad_norm = True, 0.0
@@ -323,15 +308,14 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
 @torch.no_grad()
 def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *, micro_batch_size: int,
                      temperature: float = 1.0, with_entropy: bool = False,
-                     vocab_size: Optional[int] = None, chunk_size: Optional[int] = None):
+                     vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
+                     fused_lm_head: bool = False, lm_head_chunk_tokens: Optional[int] = None):
     """Token-aligned log-probs `[B, S]` (and entropies) of `batch.tokens` without gradient.
 
     Runs the same pipeline schedule (forward only). Position 0 gets 0. The result is float32 on
     this rank's device and identical on every rank of the model-parallel group (broadcast from
     the last pipeline stage). Use it for old log-probs: `batch.with_old_logp(logp)`.
     """
-    from megatron_dgpo.ops import vocab_parallel_logprobs
-
     ps = _ps()
     config = prepare_model_config(model_chunks, None)
     s0 = batch.seq_length
@@ -344,18 +328,18 @@ def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *
     for c in model_chunks:
         c.eval()
 
-    def loss_builder(idx, mb, tokens, logits):
-        _check_layout(logits, tokens)
-        logits = _mask_vocab_padding(logits, vocab_size)
-        logp, ent = vocab_parallel_logprobs(logits, shift_left(tokens), temperature=temperature,
-                                            with_entropy=with_entropy, chunk_size=chunk_size)
+    head = LMHead(fused=fused_lm_head, temperature=temperature, with_entropy=with_entropy,
+                  chunk_tokens=lm_head_chunk_tokens, logprob_chunk=chunk_size, vocab_size=vocab_size)
+
+    def loss_builder(idx, mb, tokens, out):
+        logp, ent = logprobs_from_output(out, shift_left(tokens), head)
         out = {"logp": logp.float()}
         if ent is not None:
             out["entropy"] = ent.float()
         return torch.zeros((), device=dev), torch.ones((), dtype=torch.int, device=dev), out
 
     try:
-        outputs = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder),
+        outputs = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder, head),
                             forward_only=True, config=config)
     finally:
         for c, t in zip(model_chunks, was_training):
