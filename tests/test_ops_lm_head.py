@@ -65,14 +65,17 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("chunk", [1, 5, 7, None], ids=["c1", "c5", "c7", "cauto"])  # 37 % 5, 37 % 7 != 0
+# Tiles (tokens, vocabulary columns): 37 tokens and 64 (58 unpadded) columns are divided by none
+# of 5, 7, 9, 13; (None, None) is the default tile (all of it here).
+@pytest.mark.parametrize("tile", [(1, None), (5, 13), (7, 9), (None, 13), (None, None)],
+                         ids=["t1", "t5v13", "t7v9", "v13", "auto"])
 @pytest.mark.parametrize("vocab_size", [None, 58], ids=["novpad", "vpad"])
-def test_matches_float64_and_materialised(temperature, chunk, vocab_size):
+def test_matches_float64_and_materialised(temperature, tile, vocab_size):
     x, w, tgt, g1, g2 = make()
     if vocab_size is not None:
         tgt = tgt % vocab_size
     kw = dict(temperature=temperature, vocab_size=vocab_size)
-    lp, en, dx, dw = fused(x, w, tgt, g1, g2, chunk_tokens=chunk, **kw)
+    lp, en, dx, dw = fused(x, w, tgt, g1, g2, chunk_tokens=tile[0], chunk_vocab=tile[1], **kw)
     r_lp, r_en, r_dx, r_dw, logits = float64_reference(x, w, tgt, g1, g2, **kw)
     tol = value_tol(logits, temperature)
     assert float((lp.double() - r_lp).abs().max()) <= tol
@@ -101,12 +104,12 @@ def test_partial_gradients_and_masking(which):
     kw = dict(temperature=0.8, vocab_size=vocab_size, ent=True)
     if which == "target_on_padding":
         tgt[4] = V - 2
-        lp, en = fused_lm_head_logprobs(x, w, tgt, with_entropy=True, chunk_tokens=6, temperature=0.8,
+        lp, en = fused_lm_head_logprobs(x, w, tgt, with_entropy=True, chunk_tokens=6, chunk_vocab=11, temperature=0.8,
                                         vocab_size=vocab_size)
         assert lp[4] == float("-inf") and torch.isfinite(lp[torch.arange(T) != 4]).all()
         assert torch.isfinite(en).all()
         return
-    lp, en, dx, dw = fused(x, w, tgt, g1, g2, chunk_tokens=6, **kw)
+    lp, en, dx, dw = fused(x, w, tgt, g1, g2, chunk_tokens=6, chunk_vocab=11, **kw)
     m_lp, m_en, m_dx, m_dw = materialised(x, w, tgt, g1, g2, **kw)
     assert rel(lp, m_lp) <= 1e-5 and rel(en, m_en) <= 1e-5
     assert rel(dx, m_dx) <= 1e-5 and rel(dw, m_dw) <= 1e-5
@@ -119,7 +122,7 @@ def test_bf16_matches_materialised_bf16():
     """bf16 hidden/weight: the same logits (one GEMM per chunk vs one for all rows; rows are
     independent) and gradients within bf16 rounding of the materialised path."""
     x, w, tgt, g1, g2 = make(seed=5, dtype=torch.bfloat16)
-    lp, en, dx, dw = fused(x, w, tgt, g1, g2, chunk_tokens=8, temperature=0.7)
+    lp, en, dx, dw = fused(x, w, tgt, g1, g2, chunk_tokens=8, chunk_vocab=24, temperature=0.7)
     m_lp, m_en, m_dx, m_dw = materialised(x, w, tgt, g1, g2, temperature=0.7)
     assert rel(lp, m_lp) <= 1e-5 and rel(en, m_en) <= 1e-5
     assert dx.dtype == dw.dtype == torch.bfloat16
@@ -142,7 +145,7 @@ def test_every_registry_loss(name):
         xr, wr = x.clone().view(b, s, H).requires_grad_(True), w.clone().requires_grad_(True)
         if use_fused:
             logp, ent = fused_lm_head_logprobs(xr, wr, tgt, temperature=0.9, with_entropy=True, chunk_tokens=4,
-                                               vocab_size=60)
+                                               chunk_vocab=17, vocab_size=60)
         else:
             logits = (xr @ wr.t()).masked_fill(torch.arange(V) >= 60, float("-inf"))
             logp, ent = vocab_parallel_logprobs(logits, tgt, temperature=0.9, with_entropy=True)
@@ -175,7 +178,7 @@ def test_weight_gradient_goes_to_main_grad(dtype):
     x, w, tgt, g1, g2 = make(seed=9, dtype=dtype)
     p = _ddp_weight(w)
     xr = x.clone().requires_grad_(True)
-    logp, ent = fused_lm_head_logprobs(xr, p, tgt, with_entropy=True, chunk_tokens=5)
+    logp, ent = fused_lm_head_logprobs(xr, p, tgt, with_entropy=True, chunk_tokens=5, chunk_vocab=20)
     upstream_loss(logp, ent, g1, g2).backward()
     _, _, _, r_dw, _ = float64_reference(x, w, tgt, g1, g2)
     assert p.grad_added_to_main_grad
@@ -191,7 +194,7 @@ def test_tied_embedding_gradient_reaches_main_grad():
     p = _ddp_weight(w, zero_out=True)
     ids = torch.randint(0, V, (T,))
     h = torch.nn.functional.embedding(ids, p) + x  # the embedding use of the same weight
-    logp, ent = fused_lm_head_logprobs(h, p, tgt, with_entropy=True, chunk_tokens=5)
+    logp, ent = fused_lm_head_logprobs(h, p, tgt, with_entropy=True, chunk_tokens=5, chunk_vocab=20)
     upstream_loss(logp, ent, g1, g2).backward()
     # What DDP's hook does next (grad_added_to_main_grad with zero_out_wgrad): add param.grad.
     main = p.main_grad + p.grad
@@ -215,10 +218,10 @@ def test_memory_independent_of_logits():
     w = (torch.randn(v, h, generator=g) * 0.3).requires_grad_(True)
     tgt = torch.randint(0, v, (t,), generator=g)
     (lp, en), fwd = peak_extra_bytes(lambda: fused_lm_head_logprobs(x, w, tgt, temperature=0.7, with_entropy=True,
-                                                                    chunk_tokens=chunk))
+                                                                    chunk_tokens=chunk, chunk_vocab=v))
     _, bwd = peak_extra_bytes(lambda: (lp.sum() + en.sum()).backward())
     logits_bytes = t * v * 4
-    chunk_bytes = 5 * chunk * v * 4  # logits, gradient and three float32 work buffers of one chunk
+    chunk_bytes = 5 * chunk * v * 4  # logits, gradient and three float32 work buffers of one tile
     small = 2 * t * h * 4 + 2 * v * h * 4 + 128 * t  # d hidden, d weight, per-token vectors
     assert chunk_bytes + small < logits_bytes / 8
     assert fwd <= chunk_bytes + small, (fwd, logits_bytes)
@@ -231,7 +234,55 @@ def test_argument_checks():
         fused_lm_head_logprobs(x, w, tgt[:-1])
     with pytest.raises(ValueError, match="chunk_tokens"):
         fused_lm_head_logprobs(x, w, tgt, chunk_tokens=0)
+    with pytest.raises(ValueError, match="chunk_vocab"):
+        fused_lm_head_logprobs(x, w, tgt, chunk_vocab=0)
     with pytest.raises(TypeError, match="dtype"):
         fused_lm_head_logprobs(x, w.double(), tgt)
     with pytest.raises(ValueError, match="weight"):
         fused_lm_head_logprobs(x, w[:, :-1], tgt)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cuda_matches_float64_and_bf16_materialised(temperature):
+    """On CUDA: float32 against the float64 reference; bf16 against the materialised bf16 path
+    (its log-prob op on CUDA is the Triton backend); peak memory far below one [T, V] logits."""
+    from megatron_dgpo.ops._memprofile import peak_extra_bytes
+
+    x, w, tgt, g1, g2 = make(seed=17, t=300, v=1000)
+    r_lp, r_en, r_dx, r_dw, logits = float64_reference(x, w, tgt, g1, g2, temperature=temperature, vocab_size=990)
+    cu = [a.cuda() for a in (x, w, tgt % 990, g1, g2)]
+    lp, en, dx, dw = fused(*cu, temperature=temperature, chunk_tokens=64, chunk_vocab=300, vocab_size=990)
+    tol = value_tol(logits, temperature)
+    assert float((lp.double().cpu() - r_lp).abs().max()) <= tol
+    assert float((en.double().cpu() - r_en).abs().max()) <= tol
+    assert rel(dx.cpu(), r_dx) <= 1e-5 and rel(dw.cpu(), r_dw) <= 1e-5
+
+    xb, wb, tb, g1b, g2b = make(seed=19, dtype=torch.bfloat16, t=4096, v=32768)
+    cu = [a.cuda() for a in (xb, wb, tb, g1b, g2b)]
+    lp, en, dx, dw = fused(*cu, temperature=temperature)
+    m_lp, m_en, m_dx, m_dw = materialised(*cu, temperature=temperature)
+    assert rel(lp, m_lp) <= 1e-5 and rel(en, m_en) <= 1e-5
+    assert rel(dx, m_dx) <= 2**-7 and rel(dw, m_dw) <= 2**-6
+
+    xr, wr = cu[0].clone().requires_grad_(True), cu[1].clone().requires_grad_(True)
+    (lp, en), fwd = peak_extra_bytes(lambda: fused_lm_head_logprobs(
+        xr, wr, cu[2], temperature=temperature, with_entropy=True, chunk_tokens=256, chunk_vocab=32768), "cuda")
+    _, bwd = peak_extra_bytes(lambda: upstream_loss(lp, en, cu[3], cu[4]).backward(), "cuda")
+    logits_bytes = 4096 * 32768 * 2  # bf16; chunk buffers: 256 x 32768 x (2 + 2 + 4 + 4) bytes = 96 MiB
+    assert fwd < logits_bytes / 2 and bwd < logits_bytes / 2, (fwd, bwd, logits_bytes)
+
+
+def test_default_tiles():
+    """Square-ish float32 tiles of the budget; a short side is used whole and the other grows."""
+    from megatron_dgpo.ops import lm_head_tile
+
+    c, vb = lm_head_tile(100_000, 151_936, device="cpu")
+    assert c == vb == 2896 and c * vb * 4 <= 32 * 2**20
+    assert lm_head_tile(512, 151_936, device="cpu") == (512, 16384)
+    assert lm_head_tile(100_000, 256, device="cpu") == (32768, 256)
+    c, vb = lm_head_tile(65_536, 75_968, device="cuda")
+    assert c == vb == 8192
+    assert lm_head_tile(37, 64, chunk_tokens=5) == (5, 64)
+    assert lm_head_tile(37, 64, chunk_vocab=9) == (37, 9)

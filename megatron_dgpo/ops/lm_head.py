@@ -44,21 +44,34 @@ import torch
 import torch.distributed as dist
 
 from megatron_dgpo.ops.logprobs import (_resolve_group, combine_partial_stats, grad_coefs, grad_rows,
-                                        logp_entropy_from_stats, row_sums)
+                                        logp_entropy_from_stats, rescale_stats, row_sums)
 
-__all__ = ["fused_lm_head_logprobs", "default_lm_head_chunk"]
+__all__ = ["fused_lm_head_logprobs", "lm_head_tile"]
 
-# Bytes of one float32 [chunk, V/TP] work buffer. Each chunk is one GEMM of
-# [chunk, H] x [H, V/TP]: large enough to run near peak (chunk >= a few hundred rows on GPUs).
-_CHUNK_BYTES_CUDA = 256 * 2**20
-_CHUNK_BYTES_CPU = 32 * 2**20
+# Bytes of one float32 work tile [tokens, vocab] (three or four such buffers are live at once).
+# Tiles are square-ish by default: each tile's GEMM is [c, H] x [H, vb], the weight is read once
+# per token chunk and d weight (float32) updated once per token chunk, the hidden states read
+# once per vocabulary block, so square tiles minimise that traffic (~2 T V H / sqrt(tile) elements).
+_TILE_BYTES_CUDA = 256 * 2**20
+_TILE_BYTES_CPU = 32 * 2**20
 
 
-def default_lm_head_chunk(vocab_local: int, device: torch.device | str | None = None) -> int:
-    """Tokens per chunk so that one float32 [chunk, V/TP] buffer is ~32 MiB (CPU) or ~256 MiB (CUDA)."""
+def lm_head_tile(n_tokens: int, vocab_local: int, chunk_tokens: int | None = None, chunk_vocab: int | None = None,
+                 device: torch.device | str | None = None) -> tuple[int, int]:
+    """(tokens, vocabulary columns) per tile: ~32 MiB (CPU) or ~256 MiB (CUDA) of float32, square
+    unless one side is short, or as given."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    budget = _CHUNK_BYTES_CUDA if device.type == "cuda" else _CHUNK_BYTES_CPU
-    return max(1, budget // (4 * max(1, vocab_local)))
+    elems = (_TILE_BYTES_CUDA if device.type == "cuda" else _TILE_BYTES_CPU) // 4
+    n, v = max(1, n_tokens), max(1, vocab_local)
+    if chunk_tokens is not None:
+        c = chunk_tokens
+    elif chunk_vocab is not None:
+        c = elems // chunk_vocab
+    else:
+        c = max(math.isqrt(elems), elems // v)
+    c = max(1, min(c, n))
+    vb = chunk_vocab if chunk_vocab is not None else elems // c
+    return c, max(1, min(vb, v))
 
 
 def _gather_seq(x: torch.Tensor, group, world: int) -> torch.Tensor:
@@ -94,9 +107,13 @@ def _accumulate_wgrad(acc, g, x, tmp):
     acc.add_(torch.mm(g.t(), x, out=tmp))
 
 
+def _masked(m):
+    return m.masked_fill(m == -math.inf, 0.0)
+
+
 class _FusedLMHeadLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, group, world, rank, temperature, with_entropy, chunk,
+    def forward(ctx, hidden, weight, target, group, world, rank, temperature, with_entropy, chunks,
                 vocab_size, sequence_parallel):
         ctx.set_materialize_grads(False)
         f32 = torch.float32
@@ -116,33 +133,52 @@ class _FusedLMHeadLogprobs(torch.autograd.Function):
         local_t = tgt - rank * vl
         owned = (local_t >= 0) & (local_t < vl)
         local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
-        pad_from = None
-        if vocab_size is not None and vocab_size - rank * vl < vl:
-            pad_from = max(vocab_size - rank * vl, 0)
+        valid = vl if vocab_size is None else min(max(vocab_size - rank * vl, 0), vl)  # columns before the padding
         t_div = None if temperature == 1.0 else torch.full((1, 1), temperature, dtype=f32, device=dev)
+        c, vb = lm_head_tile(n, valid, *chunks, device=dev)
 
-        # Per-rank statistics relative to each row's local max r (0 where the shard is all -inf):
-        # rows [S, unused, E] of `part`, z_target in `zt`.
-        m = torch.empty(n, dtype=f32, device=dev)
-        part = torch.zeros(3 if with_entropy else 2, n, dtype=f32, device=dev)
+        # Per token, this rank's max m of z and (S, E) relative to r = m (0 where m = -inf), merged
+        # over vocabulary blocks with the TP combine's rescaling; zt = z[target] where owned.
+        m = torch.full((n,), -math.inf, dtype=f32, device=dev)
+        s_sum = torch.zeros(n, dtype=f32, device=dev)
+        e_sum = torch.zeros(n, dtype=f32, device=dev) if with_entropy else None
         zt = torch.zeros(n, dtype=f32, device=dev)
-        c = max(1, min(chunk, n))
-        blog = torch.empty(c, vl, dtype=weight.dtype, device=dev)
-        bx = torch.empty(c, vl, dtype=f32, device=dev)
-        be = torch.empty(c, vl, dtype=f32, device=dev)
+        blog = torch.empty(c, vb, dtype=weight.dtype, device=dev)
+        bx = torch.empty(c, vb, dtype=f32, device=dev)
+        be = torch.empty(c, vb, dtype=f32, device=dev)
+        part = torch.empty(3 if with_entropy else 2, c, dtype=f32, device=dev)
         for s in range(0, n, c):
             e = min(s + c, n)
-            lg = _logits_chunk(x[s:e], weight, blog[:e - s], pad_from)
-            mc = torch.amax(lg, dim=-1).to(f32) if vl > 0 else torch.full((e - s,), -math.inf, dtype=f32, device=dev)
-            if t_div is not None:
-                mc = mc / t_div.view(1)
-            m[s:e] = mc
-            row_sums(lg, mc.masked_fill(mc == -math.inf, 0.0), t_div, bx, be, part[:, s:e])
-            if vl > 0:
-                z = lg.gather(1, local_t[s:e].unsqueeze(1)).squeeze(1).to(f32)
-                zt[s:e] = z / t_div.view(1) if t_div is not None else z
-        del blog, bx, be
-        ref, s_sum, e_sum = combine_partial_stats(m, part[0], part[2] if with_entropy else None, group, world)
+            k = e - s
+            xs = x[s:e]
+            for v0 in range(0, valid, vb):
+                v1 = min(v0 + vb, valid)
+                lg = torch.mm(xs, weight[v0:v1].t(), out=blog[:k, :v1 - v0])
+                mb = torch.amax(lg, dim=-1).to(f32)
+                if t_div is not None:
+                    mb = mb / t_div.view(1)
+                rb = _masked(mb)
+                pt = part[:, :k]
+                row_sums(lg, rb, t_div, bx[:, :v1 - v0], be[:, :v1 - v0], pt)
+                m_new = torch.maximum(m[s:e], mb)
+                r_new = _masked(m_new)
+                s_old, e_old = rescale_stats(s_sum[s:e], e_sum[s:e] if with_entropy else None, _masked(m[s:e]), r_new)
+                s_blk, e_blk = rescale_stats(pt[0], pt[2] if with_entropy else None, rb, r_new)
+                s_sum[s:e] = s_old + s_blk
+                if with_entropy:
+                    e_sum[s:e] = e_old + e_blk
+                m[s:e] = m_new
+                lt = local_t[s:e]
+                inb = owned[s:e] & (lt >= v0) & (lt < v1)
+                if bool(inb.any()):
+                    z = lg.gather(1, torch.where(inb, lt - v0, torch.zeros_like(lt)).unsqueeze(1)).squeeze(1).to(f32)
+                    z = z / t_div.view(1) if t_div is not None else z
+                    zt[s:e] = torch.where(inb, z, zt[s:e])
+        del blog, bx, be, part
+        # Padding columns (ids >= vocab_size) are -inf logits: exp = 0, no contribution; a target
+        # there has z = -inf.
+        zt = torch.where(owned & (local_t >= valid), torch.full_like(zt, -math.inf), zt)
+        ref, s_sum, e_sum = combine_partial_stats(m, s_sum, e_sum, group, world)
         xt = torch.where(owned, zt - ref, torch.zeros_like(ref))
         stats = torch.stack([s_sum, xt, e_sum]) if with_entropy else torch.stack([s_sum, xt])
         if world > 1:
@@ -150,19 +186,18 @@ class _FusedLMHeadLogprobs(torch.autograd.Function):
         logp, ent, lse = logp_entropy_from_stats(stats, ref, with_entropy)
 
         ctx.save_for_backward(hidden, weight, local_t, owned, lse, ent)
-        ctx.meta = (group, world, temperature, c, pad_from, sp)
+        ctx.meta = (group, world, temperature, (c, vb), valid, sp)
         return logp.view(lead), (ent.view(lead) if ent is not None else None)
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, local_t, owned, lse, ent = ctx.saved_tensors
-        group, world, temperature, c, pad_from, sp = ctx.meta
+        group, world, temperature, (c, vb), valid, sp = ctx.meta
         if g_logp is None and g_ent is None:
             return (None,) * 11
         f32 = torch.float32
         dev = hidden.device
         h = hidden.shape[-1]
-        vl = weight.shape[0]
         total = _gather_seq(hidden, group, world) if sp else hidden
         x = total.reshape(-1, h)
         n = x.shape[0]
@@ -173,31 +208,49 @@ class _FusedLMHeadLogprobs(torch.autograd.Function):
         # module docstring), else a float32 accumulator returned in the weight's dtype.
         main_grad = getattr(weight, "main_grad", None)
         into_main = main_grad is not None and main_grad.dtype == f32 and hasattr(weight, "grad_added_to_main_grad")
-        need_wgrad = ctx.needs_input_grad[1]
-        if not need_wgrad:
+        if not ctx.needs_input_grad[1]:
             acc = None
         elif into_main:
             acc = main_grad
         else:
             acc = torch.zeros(weight.shape, dtype=f32, device=dev)
-        tmp = torch.empty_like(weight) if acc is not None and weight.dtype != f32 else None
+        low = weight.dtype != f32
+        tmp_w = torch.empty(vb, h, dtype=weight.dtype, device=dev) if acc is not None and low else None
 
-        dx = torch.empty((n, h), dtype=hidden.dtype, device=dev)
-        blog = torch.empty(c, vl, dtype=weight.dtype, device=dev)
-        bg = torch.empty(c, vl, dtype=weight.dtype, device=dev)
-        by = torch.empty(c, vl, dtype=f32, device=dev) if (weight.dtype != f32 and coef_y is not None) else None
-        bp = torch.empty(c, vl, dtype=f32, device=dev)
+        # d hidden of a token chunk is summed over vocabulary blocks in float32 (directly in the
+        # result when that is float32); padding columns have zero gradient and are skipped.
+        dx = torch.zeros((n, h), dtype=hidden.dtype, device=dev)
+        dx_acc = torch.empty(c, h, dtype=f32, device=dev) if low else None
+        tmp_x = torch.empty(c, h, dtype=weight.dtype, device=dev) if low else None
+        blog = torch.empty(c, vb, dtype=weight.dtype, device=dev)
+        bg = torch.empty(c, vb, dtype=weight.dtype, device=dev)
+        by = torch.empty(c, vb, dtype=f32, device=dev) if (low and coef_y is not None) else None
+        bp = torch.empty(c, vb, dtype=f32, device=dev)
         for s in range(0, n, c):
             e = min(s + c, n)
             k = e - s
-            lg = _logits_chunk(x[s:e], weight, blog[:k], pad_from)
-            g = bg[:k]
-            grad_rows(g, lg, lse[s:e], t_div, coef_c[s:e], None if coef_y is None else coef_y[s:e],
-                      None if onehot is None else onehot[s:e], local_t[s:e].unsqueeze(1), by, bp)
-            torch.mm(g, weight, out=dx[s:e])
-            if acc is not None:
-                _accumulate_wgrad(acc, g, x[s:e], tmp)
-        del blog, bg, by, bp, tmp
+            xs = x[s:e]
+            acc_x = dx_acc[:k].zero_() if low else dx[s:e]
+            lt = local_t[s:e]
+            for v0 in range(0, valid, vb):
+                v1 = min(v0 + vb, valid)
+                wb = weight[v0:v1]
+                lg = torch.mm(xs, wb.t(), out=blog[:k, :v1 - v0])
+                inb = (lt >= v0) & (lt < v1)
+                oh = None if onehot is None else torch.where(inb, onehot[s:e], torch.zeros_like(onehot[s:e]))
+                g = bg[:k, :v1 - v0]
+                grad_rows(g, lg, lse[s:e], t_div, coef_c[s:e], None if coef_y is None else coef_y[s:e], oh,
+                          torch.where(inb, lt - v0, torch.zeros_like(lt)).unsqueeze(1),
+                          None if by is None else by[:, :v1 - v0], bp[:, :v1 - v0])
+                if low:
+                    acc_x.add_(torch.mm(g, wb, out=tmp_x[:k]))
+                else:
+                    acc_x.addmm_(g, wb)
+                if acc is not None:
+                    _accumulate_wgrad(acc[v0:v1], g, xs, None if tmp_w is None else tmp_w[:v1 - v0])
+            if low:
+                dx[s:e].copy_(acc_x)
+        del blog, bg, by, bp, tmp_w, tmp_x, dx_acc
 
         if sp:
             dh = torch.empty(hidden.shape, dtype=dx.dtype, device=dev)
@@ -229,6 +282,7 @@ def fused_lm_head_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int | None = None,
+    chunk_vocab: int | None = None,
     vocab_size: int | None = None,
     sequence_parallel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -244,7 +298,8 @@ def fused_lm_head_logprobs(
         tp_group: the TP ProcessGroup; None: Megatron's when initialised, else no parallelism.
         temperature: logits are divided by it. Must be > 0.
         with_entropy: also return the entropy.
-        chunk_tokens: tokens per chunk; None picks `default_lm_head_chunk(V/TP, device)`.
+        chunk_tokens, chunk_vocab: the tile of tokens x vocabulary columns processed at once;
+            None picks them (`lm_head_tile`): ~32 MiB (CPU) / 256 MiB (CUDA) of float32, square-ish.
         vocab_size: the real vocabulary; ids >= vocab_size (padding rows of `weight`) are masked.
         sequence_parallel: `hidden` is sequence-sharded (gather forward, reduce-scatter backward).
 
@@ -258,16 +313,17 @@ def fused_lm_head_logprobs(
     temperature = float(temperature)
     if not (temperature > 0.0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    if chunk_tokens is not None and int(chunk_tokens) < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    for name, val in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
+        if val is not None and int(val) < 1:
+            raise ValueError(f"{name} must be >= 1, got {val}")
     group = _resolve_group(tp_group)
     if group is None:
         world, rank = 1, 0
     else:
         world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
-    chunk = int(chunk_tokens) if chunk_tokens is not None else default_lm_head_chunk(weight.shape[0], weight.device)
+    chunks = (None if chunk_tokens is None else int(chunk_tokens), None if chunk_vocab is None else int(chunk_vocab))
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have one dtype")
     logp, ent = _FusedLMHeadLogprobs.apply(hidden, weight, target, group, world, rank, temperature,
-                                          bool(with_entropy), chunk, vocab_size, bool(sequence_parallel))
+                                          bool(with_entropy), chunks, vocab_size, bool(sequence_parallel))
     return logp, (ent if with_entropy else None)

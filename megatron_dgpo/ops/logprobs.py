@@ -226,11 +226,19 @@ def combine_partial_stats(m, s, e, group, world):
     mg = m.clone()
     dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=group)
     ref = mg.masked_fill(mg == -math.inf, 0.0)
-    d = (r_local - ref).clamp(max=0.0)  # > 0 only for an all -inf shard (r = 0, S = E = 0): keep e^d finite
+    s, e = rescale_stats(s, e, r_local, ref)
+    return ref, s, e
+
+
+def rescale_stats(s, e, r_from, r_to):
+    """(S, E) relative to reference r_from -> relative to r_to >= r_from: with d = r_from - r_to,
+    S' = S e^d and E' = e^d (E + d S) (sum_j e^(x_j - d') (x_j - d') expanded). d > 0 only where
+    the old part was all -inf (r_from = 0, S = E = 0): clamped to keep e^d finite."""
+    d = (r_from - r_to).clamp(max=0.0)
     a = torch.exp(d)
     if e is not None:
         e = a * torch.where(s > 0, e + d * s, torch.zeros_like(e))
-    return ref, s * a, e
+    return s * a, e
 
 
 def logp_entropy_from_stats(stats, shift, with_entropy):

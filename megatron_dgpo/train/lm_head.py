@@ -53,6 +53,11 @@ def fuse_next_forward(model, target: torch.Tensor, head: Optional[LMHead]) -> No
     gpt, layer = _output_layer(model)
     if layer is None:
         return
+    cfg = gpt.config
+    if getattr(cfg, "mtp_num_layers", None) or getattr(cfg, "use_mup", False):
+        # MTP calls the output layer once per prediction depth; MuP rescales the logits after it.
+        raise NotImplementedError("algo.fused_lm_head supports neither multi-token prediction nor MuP: "
+                                  "set algo.fused_lm_head=false")
     target_sb = target.transpose(0, 1)  # GPTModel's output layer works in [S, B, H]
 
     def forward(input_, weight=None, runtime_gather_output=None):

@@ -1,7 +1,7 @@
 """torchrun worker (2 processes, CPU gloo) for tests/test_lm_head_dist.py: the fused LM head.
 
-1. The op under TP=2, sequence parallelism on/off, temperature 1 and 0.7, a padded vocabulary and a
-   chunk that does not divide T: log-probs, entropy, d hidden (this rank's, after the all-reduce or
+1. The op under TP=2, sequence parallelism on/off, temperature 1 and 0.7, a padded vocabulary and
+   tiles that divide neither the tokens nor the vocabulary shard: log-probs, entropy, d hidden (this rank's, after the all-reduce or
    reduce-scatter) and d weight (this rank's shard) against a float64 full-vocabulary reference.
 2. Megatron train steps, fused vs materialised from the same initial weights, in the layouts
    TP=2, TP=2+SP, PP=2 (last stage fused), each with untied and tied embeddings: old log-probs
@@ -64,7 +64,8 @@ def op_case(sp: bool, temperature: float):
     xr = (x[r * sl:(r + 1) * sl] if sp else x).clone().requires_grad_(True)
     wr = w[r * vl:(r + 1) * vl].clone().requires_grad_(True)
     logp, ent = fused_lm_head_logprobs(xr, wr, tgt, tp_group=dist.group.WORLD, temperature=temperature,
-                                       with_entropy=True, chunk_tokens=7, vocab_size=vocab, sequence_parallel=sp)
+                                       with_entropy=True, chunk_tokens=7, chunk_vocab=5, vocab_size=vocab,
+                                       sequence_parallel=sp)
     upstream_loss(logp, ent, g1, g2).backward()
 
     logits = x.double().reshape(-1, h) @ w.double().t()
