@@ -7,34 +7,41 @@ parallelism is on), this rank's output-layer weight shard `[V/TP, H]` (rank r ow
 and the entropy of softmax(z), z = hidden @ weight.T / temperature, float32, replicated on
 every TP rank: the same values as `ColumnParallelLinear` followed by `vocab_parallel_logprobs`.
 
-Forward: tokens are processed `chunk_tokens` rows at a time. Each chunk's logits shard is computed
-by one matmul into a reusable buffer, reduced to per-token (max, sum of exp, sum of exp * x,
-target logit) relative to the chunk's local max with the formulas of `logprobs.py` (`row_sums`),
-and discarded. After the last chunk the per-rank statistics are combined exactly as the Triton
-backend does (`combine_partial_stats`: one MAX all-reduce, rescaling, one SUM all-reduce of the
-stacked `[3, T]` statistics), so the whole forward costs two collectives, not two per chunk.
-Saved for backward: the hidden states (a reference, no copy), and per token lse, H, target.
+Tiles. The logits shard is never stored: it is computed one tile of `chunk_tokens` tokens x
+`chunk_vocab` vocabulary columns at a time (one GEMM `[c, H] x [H, vb]` into a reusable buffer)
+and discarded. Tiles are square-ish by default (`lm_head_tile`: ~32 MiB of float32 on CPU,
+~256 MiB on CUDA): the weight is read, and its float32 gradient updated, once per token chunk;
+the hidden states are read once per vocabulary block; square tiles minimise that traffic.
 
-Backward recomputes each chunk's logits, forms d loss / d logits from the incoming d logp and
-d entropy (`grad_coefs` / `grad_rows` of `logprobs.py`, the same formulas and rounding as the
+Forward: per tile, `row_sums` of `logprobs.py` gives each token's (sum of exp, sum of exp * x)
+relative to the tile's row max; the blocks of a token chunk are merged online with the rescaling
+of the TP combine (`rescale_stats`), and the target logit is picked from the block that holds it.
+This rank's per-token statistics are then combined across TP exactly as the Triton backend does
+(`combine_partial_stats`: one MAX all-reduce, rescaling, one SUM all-reduce of the stacked
+`[3, T]` statistics): two collectives for the whole forward. Saved for backward: the hidden
+states (a reference, no copy) and per token lse, H and the target.
+
+Backward recomputes each tile's logits, forms d loss / d logits from the incoming d logp and
+d entropy (`grad_coefs` / `grad_rows` of `logprobs.py`: the same formulas and rounding as the
 materialised path), and accumulates
-  * d hidden = dlogits @ W chunk by chunk into a `[T, H]` tensor, then, as Megatron's
+  * d hidden = dlogits @ W over the vocabulary blocks (float32), then, as Megatron's
     ColumnParallelLinear backward: all-reduce over TP, or reduce-scatter along the sequence with SP
     (the forward all-gathers the sequence-sharded input; backward gathers it again rather than
     keeping the gathered copy alive, as Megatron does);
-  * d weight = dlogits^T @ hidden in float32. When the weight carries Megatron DDP's `main_grad`
-    (fp32 buffer) the sum goes straight into it, `grad_added_to_main_grad` is set and a dummy
-    gradient is returned (zeros when `zero_out_wgrad`, i.e. tied embeddings on one pipeline stage,
-    where autograd adds the embedding's own gradient to it), as LinearWithGradAccumulationAndAsync-
-    Communication does with `gradient_accumulation_fusion`; DDP's hook then skips the add.
-    Without `main_grad` the float32 sum is returned in the weight's dtype.
-Peak extra memory: O(chunk_tokens x V/TP) buffers + O(T x H) for d hidden (+ the gathered
-input with SP) + the float32 d weight accumulator when there is no `main_grad` and the weight is
-not float32 (a fixed V/TP x H, independent of T).
+  * d weight = dlogits^T @ hidden in float32 over the token chunks. When the weight carries
+    Megatron DDP's `main_grad` (fp32 buffer) the sum goes straight into it,
+    `grad_added_to_main_grad` is set and a dummy gradient is returned (zeros when
+    `zero_out_wgrad`, i.e. tied embeddings on one pipeline stage, where autograd adds the
+    embedding's own gradient to it), as LinearWithGradAccumulationAndAsyncCommunication does with
+    `gradient_accumulation_fusion`; DDP's hook then skips the add. Without `main_grad` the float32
+    sum is returned in the weight's dtype.
+Peak extra memory: a few tile buffers + O(T x H) for d hidden (+ the gathered input with SP)
++ a float32 `[V/TP, H]` accumulator only when the weight has no `main_grad` (fixed, independent
+of T). Nothing of size T x V.
 
-Vocabulary padding: ids >= `vocab_size` (Megatron pads the vocabulary to a TP multiple) get
-logits -inf in every chunk, hence probability 0 and gradient exactly 0, as the train step's
-masking of materialised logits.
+Vocabulary padding: columns of ids >= `vocab_size` (Megatron pads the vocabulary to a TP
+multiple) are skipped: probability 0 and gradient exactly 0, as the train step's masking of
+materialised logits to -inf; a target there gets logp = -inf.
 """
 from __future__ import annotations
 
