@@ -103,15 +103,26 @@ def _accumulate_wgrad(acc, g, x, tmp):
     if g.dtype == acc.dtype:
         acc.addmm_(g.t(), x)
         return
-    if acc.is_cuda:
-        try:
-            import fused_weight_gradient_mlp_cuda  # Apex, as in megatron.core.tensor_parallel.layers
-        except ImportError:
-            pass
-        else:
-            fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x, g, acc)
-            return
+    fused = _apex_wgrad() if acc.is_cuda else None
+    if fused is not None:
+        fused.wgrad_gemm_accum_fp32(x, g, acc)
+        return
     acc.add_(torch.mm(g.t(), x, out=tmp))
+
+
+_APEX = []
+
+
+def _apex_wgrad():
+    """Apex's fused_weight_gradient_mlp_cuda (as in megatron.core.tensor_parallel.layers) or None;
+    looked up once (a failed import is not cached by Python)."""
+    if not _APEX:
+        try:
+            import fused_weight_gradient_mlp_cuda
+        except ImportError:
+            fused_weight_gradient_mlp_cuda = None
+        _APEX.append(fused_weight_gradient_mlp_cuda)
+    return _APEX[0]
 
 
 def _masked(m):
@@ -177,10 +188,9 @@ class _FusedLMHeadLogprobs(torch.autograd.Function):
                 m[s:e] = m_new
                 lt = local_t[s:e]
                 inb = owned[s:e] & (lt >= v0) & (lt < v1)
-                if bool(inb.any()):
-                    z = lg.gather(1, torch.where(inb, lt - v0, torch.zeros_like(lt)).unsqueeze(1)).squeeze(1).to(f32)
-                    z = z / t_div.view(1) if t_div is not None else z
-                    zt[s:e] = torch.where(inb, z, zt[s:e])
+                z = lg.gather(1, torch.where(inb, lt - v0, torch.zeros_like(lt)).unsqueeze(1)).squeeze(1).to(f32)
+                z = z / t_div.view(1) if t_div is not None else z  # (no `if inb.any()`: a host sync per tile)
+                zt[s:e] = torch.where(inb, z, zt[s:e])
         del blog, bx, be, part
         # Padding columns (ids >= vocab_size) are -inf logits: exp = 0, no contribution; a target
         # there has z = -inf.
