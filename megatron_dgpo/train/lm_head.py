@@ -47,11 +47,14 @@ def _output_layer(model):
 
 def fuse_next_forward(model, target: torch.Tensor, head: Optional[LMHead]) -> None:
     """With `head.fused`, the next forward of `model` (one micro-batch) returns `[B, S, 1 or 2]`
-    (log-prob of `target` [B, S], entropy) instead of logits. No-op otherwise or off the last stage."""
-    if head is None or not head.fused:
-        return
+    (log-prob of `target` [B, S], entropy) instead of logits. Off the last stage: nothing.
+    Otherwise the output layer is restored (a stale override of a failed forward is removed)."""
     gpt, layer = _output_layer(model)
     if layer is None:
+        return
+    if getattr(layer.__dict__.get("forward"), "_dgpo_fused_head", False):
+        del layer.forward  # left over by a forward that failed before the output layer
+    if head is None or not head.fused:
         return
     cfg = gpt.config
     if getattr(cfg, "mtp_num_layers", None) or getattr(cfg, "use_mup", False):
@@ -72,6 +75,7 @@ def fuse_next_forward(model, target: torch.Tensor, head: Optional[LMHead]) -> No
         out = torch.stack([logp, ent], -1) if ent is not None else logp.unsqueeze(-1)
         return out, None
 
+    forward._dgpo_fused_head = True
     layer.forward = forward
 
 

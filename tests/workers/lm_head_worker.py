@@ -4,7 +4,8 @@
    tiles that divide neither the tokens nor the vocabulary shard: log-probs, entropy, d hidden (this rank's, after the all-reduce or
    reduce-scatter) and d weight (this rank's shard) against a float64 full-vocabulary reference.
 2. Megatron train steps, fused vs materialised from the same initial weights, in the layouts
-   TP=2, TP=2+SP, PP=2 (last stage fused), each with untied and tied embeddings: old log-probs
+   TP=2, TP=2+SP, PP=2 (last stage fused), each with untied and tied embeddings, and PP=2 with
+   two virtual stages (interleaved schedule; only the last virtual stage fused): old log-probs
    and entropies (forward only), per-step metrics, every main_grad after the first step (the
    output/embedding weight's included) and the weights after two optimizer steps, relative 1e-5.
 3. The main job (RLTrainer on the embedded engine), TP=2: algo.fused_lm_head true vs false, the
@@ -89,10 +90,10 @@ def local_params(chunks):
     return [p for c in chunks for p in c.parameters()]
 
 
-def train_run(tp, pp, sp, model, init, batch, fused):
+def train_run(tp, pp, sp, vpp, model, init, batch, fused):
     from megatron_dgpo.train import forward_logprobs, train_step
 
-    chunks, opt = C.setup(tp, pp, sp=sp, model=model)
+    chunks, opt = C.setup(tp, pp, sp=sp, vpp=vpp, model=model)
     with torch.no_grad():
         for p, q in zip(local_params(chunks), init):
             p.copy_(q)
@@ -109,13 +110,13 @@ def train_run(tp, pp, sp, model, init, batch, fused):
     return dict(logp=lp, entropy=en, metrics=metrics, grads=grads, final=final)
 
 
-def layout_case(name, tp, pp, sp, tied):
+def layout_case(name, tp, pp, sp, tied, vpp=None):
     model = dataclasses.replace(C.MODEL, tie_word_embeddings=tied)
-    chunks, _ = C.setup(tp, pp, sp=sp, model=model)
+    chunks, _ = C.setup(tp, pp, sp=sp, vpp=vpp, model=model)
     init = [p.detach().clone() for p in local_params(chunks)]
     batch = C.make_batch()
-    a = train_run(tp, pp, sp, model, init, batch, fused=False)
-    b = train_run(tp, pp, sp, model, init, batch, fused=True)
+    a = train_run(tp, pp, sp, vpp, model, init, batch, fused=False)
+    b = train_run(tp, pp, sp, vpp, model, init, batch, fused=True)
     errs = {
         "logp": rel(b["logp"], a["logp"]),
         "entropy": rel(b["entropy"], a["entropy"]),
@@ -164,6 +165,7 @@ def main():
         for tied in (False, True):
             label = f"{name}_{'tied' if tied else 'untied'}"
             cases.append((label, lambda n=label, tp=tp, pp=pp, sp=sp, tied=tied: layout_case(n, tp, pp, sp, tied)))
+    cases.append(("pp2_vpp2_untied", lambda: layout_case("pp2_vpp2_untied", 1, 2, False, False, vpp=2)))
     cases.append(("main_job", lambda: main_job(root)))
     for name, fn in cases:
         try:
