@@ -92,7 +92,7 @@ class AlgoConfig:
     # LM head + log-prob + entropy fused on the last pipeline stage (ops/lm_head.py): no [T, V/TP]
     # logits or logit gradient in the policy update and the old-log-prob pass; same values.
     fused_lm_head: bool = True
-    lm_head_chunk_tokens: Optional[int] = None  # tokens per chunk (None: ~256 MiB fp32 buffer on CUDA, 32 MiB on CPU)
+    lm_head_chunk_tokens: Optional[int] = None  # tokens per tile (None: square tiles, ~256 MiB fp32 on CUDA, 32 MiB on CPU)
     # Seed of the RL phase (prompt order, rollout sampling); the warm start depends only on the
     # top-level seed, so runs that differ here share one cached warm start.
     seed: int = 0

@@ -331,8 +331,8 @@ def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *
     head = LMHead(fused=fused_lm_head, temperature=temperature, with_entropy=with_entropy,
                   chunk_tokens=lm_head_chunk_tokens, logprob_chunk=chunk_size, vocab_size=vocab_size)
 
-    def loss_builder(idx, mb, tokens, out):
-        logp, ent = logprobs_from_output(out, shift_left(tokens), head)
+    def loss_builder(idx, mb, tokens, model_out):
+        logp, ent = logprobs_from_output(model_out, shift_left(tokens), head)
         out = {"logp": logp.float()}
         if ent is not None:
             out["entropy"] = ent.float()
