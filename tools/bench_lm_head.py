@@ -194,7 +194,8 @@ def main(argv=None):
                 csec = statistics.median(r["cpu_times"])
                 cr = f"{csec / statistics.median(ref['cpu_times']):.2f}x" if ok_ref else "-"
                 ct = f" {csec:.1f} | {cr} |"
-            print(f"| {t} | {m} | {r['tile'] or '-'} | {sec * 1e3:.0f} | {tr} |{ct} {mib:.0f} | {mr} | {logits_mib:.0f} |")
+            print(f"| {t} | {m} | {r['tile'] or '-'} | {sec * 1e3:.0f} | {tr} |{ct} {mib:.0f} | {mr} "
+                  f"| {logits_mib:.0f} |")
         sys.stdout.flush()
 
 

@@ -1,8 +1,9 @@
 """torchrun worker (2 processes, CPU gloo) for tests/test_lm_head_dist.py: the fused LM head.
 
 1. The op under TP=2, sequence parallelism on/off, temperature 1 and 0.7, a padded vocabulary and
-   tiles that divide neither the tokens nor the vocabulary shard: log-probs, entropy, d hidden (this rank's, after the all-reduce or
-   reduce-scatter) and d weight (this rank's shard) against a float64 full-vocabulary reference.
+   tiles that divide neither the tokens nor the vocabulary shard: log-probs, entropy, d hidden
+   (this rank's, after the all-reduce or reduce-scatter) and d weight (this rank's shard) against
+   a float64 full-vocabulary reference.
 2. Megatron train steps, fused vs materialised from the same initial weights, in the layouts
    TP=2, TP=2+SP, PP=2 (last stage fused), each with untied and tied embeddings, and PP=2 with
    two virtual stages (interleaved schedule; only the last virtual stage fused): old log-probs
