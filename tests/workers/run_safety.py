@@ -1,6 +1,7 @@
 """torchrun worker (2 processes, TP=2): what a long run must never do (issue 11, items 1 and 2).
 
-- An optimizer step that makes the weights non-finite (finite gradients, lr=inf) aborts before the weight sync and before any save: the engine keeps finite weights and no
+- An optimizer step that makes the weights non-finite (finite gradients, lr=inf) aborts at that
+  step, before the weight sync and before any save: the engine keeps finite weights and no
   checkpoint holds NaN (the embedded job with a huge lr and save_every=1 used to save NaN weights
   as `latest`).
 - A policy without reward variance for algo.max_steps_without_variance steps aborts.
