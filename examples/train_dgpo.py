@@ -23,6 +23,9 @@ for _msg in ("Transformer Engine and Apex are not installed", "Apex is not insta
 from megatron_dgpo.config import TrainConfig  # noqa: E402
 from megatron_dgpo.configio import ConfigError, format_config, load_config  # noqa: E402
 from megatron_dgpo.data.prompts import MalformedRowError  # noqa: E402
+from megatron_dgpo.checkpoint import CheckpointError  # noqa: E402
+from megatron_dgpo.checkpoint_trust import CheckpointIntegrityError, UntrustedCheckpointError  # noqa: E402
+from megatron_dgpo.weight_sync.hf_io import CheckpointError as HFCheckpointError  # noqa: E402
 from megatron_dgpo.rl.guard import NonFiniteWeightsError, PolicyCollapsed, TooManySkippedSteps  # noqa: E402
 
 
@@ -52,7 +55,8 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         return _main(argv, rank)
-    except (ConfigError, MalformedRowError) as e:  # bad input: one line, once, exit 2 (nothing was written)
+    except (ConfigError, MalformedRowError, CheckpointError, CheckpointIntegrityError, UntrustedCheckpointError,
+            HFCheckpointError) as e:  # bad input: one line, once, exit 2 (nothing was written)
         return _fail(rank, f"error: {e}", 2)
     except (TooManySkippedSteps, NonFiniteWeightsError, PolicyCollapsed) as e:  # the run aborted itself
         return _fail(rank, f"aborted: {e}", 3)
