@@ -13,16 +13,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# The tests also exercise the nemo-run launcher and lint the Dockerfile.
-$(VENV)/.installed-test: $(VENV)/.installed
+# The tests also exercise the nemo-run launcher, lint the Dockerfile, and run SGLang's own
+# (pure-Python) code for the contract tests: sglang without its GPU dependencies.
+$(VENV)/.installed-test: $(VENV)/.installed tests/requirements-sglang-cpu.txt tests/requirements-sglang-nodeps.txt
 	$(PY) -m pip install -q -e ".[dev,launch,lint,triton]"
+	$(PY) -m pip install -q -r tests/requirements-sglang-cpu.txt
+	$(PY) -m pip install -q --no-deps -r tests/requirements-sglang-nodeps.txt
 	touch $@
 
 setup: $(VENV)/.installed
 
 # The main job on the embedded default: tiny Qwen2-shaped model, arithmetic task, TP=2 on 2 CPU processes.
 demo: setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 examples/train_dgpo.py --config examples/configs/embedded_cpu.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 examples/train_dgpo.py --config examples/configs/embedded_cpu.yaml --overwrite
 
 loss-demo: setup
 	$(PY) examples/loss_demo.py

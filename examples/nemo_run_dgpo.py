@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_dgpo.configio import ConfigError  # noqa: E402
 from megatron_dgpo.launch import SGLangServeSpec, SlurmSpec  # noqa: E402
+from megatron_dgpo.launch.spec import mask_secrets  # noqa: E402
 
 
 def _kv(items, what):
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     if getattr(args, "dryrun", False):
         for fname, text in nemo.dryrun(plan, args.base_dir).items():
             print(f"#=== {fname} ===")
-            print(text)
+            print(mask_secrets(text, env))
         return 0
     code, states = nemo.submit(plan, args.base_dir, detach=getattr(args, "detach", False),
                                tail_logs=args.tail_logs)

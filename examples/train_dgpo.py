@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 
 # Expected on a CPU machine (no Apex / Transformer Engine / CUDA): said once in the README rather
@@ -20,24 +21,57 @@ for _msg in ("Transformer Engine and Apex are not installed", "Apex is not insta
     warnings.filterwarnings("ignore", message=_msg)
 
 from megatron_dgpo.config import TrainConfig  # noqa: E402
-from megatron_dgpo.configio import format_config, load_config  # noqa: E402
+from megatron_dgpo.configio import ConfigError, format_config, load_config  # noqa: E402
+from megatron_dgpo.data.prompts import MalformedRowError  # noqa: E402
+from megatron_dgpo.checkpoint import CheckpointError  # noqa: E402
+from megatron_dgpo.checkpoint_trust import CheckpointIntegrityError, UntrustedCheckpointError  # noqa: E402
+from megatron_dgpo.weight_sync.hf_io import CheckpointError as HFCheckpointError  # noqa: E402
+from megatron_dgpo.rl.guard import NonFiniteWeightsError, PolicyCollapsed, TooManySkippedSteps  # noqa: E402
 
 
 def parse(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (fields of megatron_dgpo.config.TrainConfig)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output_dir that holds an earlier run (its checkpoints are removed)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     args = p.parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    try:
+        from megatron_dgpo.config_checks import check_world_size
+
+        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as e:
+        raise ConfigError(f"{e} ({args.config or 'command line'})") from None
     if args.resume:
         cfg.resume = True
+    if args.overwrite:
+        cfg.overwrite = True
     return cfg, args
 
 
 def main(argv=None) -> int:
-    cfg, _ = parse(argv)
     rank = int(os.environ.get("RANK", "0"))
+    try:
+        return _main(argv, rank)
+    except (ConfigError, MalformedRowError, CheckpointError, CheckpointIntegrityError, UntrustedCheckpointError,
+            HFCheckpointError) as e:  # bad input: one line, once, exit 2 (nothing was written)
+        return _fail(rank, f"error: {e}", 2)
+    except (TooManySkippedSteps, NonFiniteWeightsError, PolicyCollapsed) as e:  # the run aborted itself
+        return _fail(rank, f"aborted: {e}", 3)
+
+
+def _fail(rank: int, line: str, code: int) -> int:
+    if rank == 0:
+        print(line, file=sys.stderr, flush=True)
+    else:  # torchrun stops every worker once one exits: let rank 0 print first
+        time.sleep(2.0)
+    return code
+
+
+def _main(argv, rank: int) -> int:
+    cfg, _ = parse(argv)
     if rank == 0:
         print(format_config(cfg), flush=True)
     from megatron_dgpo.trainer import run

@@ -4,8 +4,11 @@ Layout:
     <root>/latest                 text file with the name of the last complete checkpoint
     <root>/step_00000042/         a megatron.core.dist_checkpointing directory, plus
     <root>/step_00000042/dgpo_meta.json   step, parallel layout, versions, model config
+    <root>/step_00000042/dgpo_digests.json  SHA-256 and size of every other file
 
-Atomicity: every rank writes into `<root>/.tmp.step_00000042/`; after a barrier rank 0 fsyncs
+Atomicity: every rank writes into `<root>/.tmp.step_00000042/`; after a barrier rank 0 writes
+dgpo_meta.json, all ranks hash a share of the files into `dgpo_digests.json` (checkpoint_trust:
+verified before every load, together with restricted unpickling), then rank 0 fsyncs
 every file and the directory, renames it to `step_00000042/` (os.replace is atomic on POSIX),
 fsyncs `<root>`, then writes `latest` through a temporary file + fsync + rename. A crash at any
 point leaves `latest` naming the previous complete checkpoint; stale `.tmp.*` directories are
@@ -27,6 +30,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 from typing import List, Optional
 
@@ -34,8 +38,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir",
-           "DISTRIB_OPTIM_FORMAT", "OPTIM_FORMATS"]
+from megatron_dgpo import checkpoint_trust
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir", "resume_checkpoint",
+           "CheckpointError", "DISTRIB_OPTIM_FORMAT", "OPTIM_FORMATS"]
 
 DISTRIB_OPTIM_FORMAT = "fully_reshardable"
 _LATEST = "latest"
@@ -46,15 +52,74 @@ def checkpoint_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{int(step):08d}")
 
 
-def latest_checkpoint(root: str) -> Optional[str]:
-    """The directory `latest` points to, or None."""
+_STEP_NAME = re.compile(r"step_\d{8}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint (or checkpoint root) that cannot be used; the message says why."""
+
+
+def _step_of(name: str) -> Optional[int]:
+    return int(name[5:]) if _STEP_NAME.fullmatch(name) else None
+
+
+def is_complete(path: str) -> bool:
+    """A finished save: the metadata of dist_checkpointing and ours are both there (ours is
+    written last, just before the atomic rename)."""
+    return os.path.isfile(os.path.join(path, _META)) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def _read_latest(root: str) -> tuple[Optional[str], str]:
+    """(checkpoint `latest` names, or None; why not). `latest` must hold a bare `step_XXXXXXXX`
+    name of a complete checkpoint directly under `root`: never a path that leaves the root."""
     path = os.path.join(root, _LATEST)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        name = f.read().strip()
+    if not os.path.isfile(path):
+        return None, f"no {_LATEST!r} file"
+    with open(path, "rb") as f:
+        raw = f.read(256)
+    name = raw.decode("utf-8", "replace").strip()
+    if _step_of(name) is None:
+        return None, f"{_LATEST!r} holds {name[:80]!r}, not a step_XXXXXXXX name inside {root}"
     full = os.path.join(root, name)
-    return full if os.path.isdir(full) else None
+    if os.path.islink(full) or not os.path.isdir(full):
+        return None, f"{_LATEST!r} names {name}, which is not a directory in {root}"
+    if not is_complete(full):
+        return None, f"{_LATEST!r} names {name}, which is incomplete"
+    return full, ""
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The complete checkpoint `latest` points to, or None (no, or a broken, `latest`)."""
+    return _read_latest(root)[0]
+
+
+def complete_checkpoints(root: str) -> List[str]:
+    """Complete `step_*` directories of `root`, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(e for e in os.listdir(root) if _step_of(e) is not None)
+    return [os.path.join(root, n) for n in names
+            if not os.path.islink(os.path.join(root, n)) and is_complete(os.path.join(root, n))]
+
+
+def resume_checkpoint(root: str) -> tuple[Optional[str], str]:
+    """Where `--resume` continues from: (checkpoint or None, a note to print, "" if none).
+
+    `latest` when it names a complete checkpoint; else the newest complete `step_*` (the note says
+    so); None when the root holds no checkpoint at all. A root with checkpoint leftovers but none
+    complete raises CheckpointError: starting from step 0 there would overwrite the run."""
+    path, why = _read_latest(root)
+    if path is not None:
+        return path, ""
+    found = complete_checkpoints(root)
+    if found:
+        return found[-1], f"{why}; resuming from the newest complete checkpoint {found[-1]}"
+    leftovers = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    leftovers = [e for e in leftovers if e == _LATEST or e.startswith("step_")]
+    if leftovers:
+        raise CheckpointError(f"cannot resume from {root}: {why} and no complete step_* checkpoint "
+                              f"(found {leftovers[:5]}); fix it or start again with --overwrite")
+    return None, ""
 
 
 def _ps():
@@ -220,6 +285,9 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
                 "extra": extra or {}}
         with open(os.path.join(tmp, _META), "w") as f:
             json.dump(meta, f, indent=1)
+    _barrier()
+    checkpoint_trust.write_digests(tmp)  # collective: every rank hashes a share of the files
+    if rank == 0:
         _fsync_tree(tmp)
         if os.path.exists(final):  # re-saving the same step: replace it
             shutil.rmtree(final)
@@ -227,10 +295,11 @@ def save_checkpoint(root: str, step: int, model_chunks: List[torch.nn.Module], o
         _fsync_dir(root)
         _atomic_write(os.path.join(root, _LATEST), name + "\n")
         if keep_last:
-            done = sorted(e for e in os.listdir(root) if e.startswith("step_"))
-            for old in done[:-keep_last]:
-                if old != name:
-                    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            # Only checkpoints older than this one: after a resume from an earlier step, later
+            # directories (e.g. one that failed to load) are left for the user to inspect.
+            older = sorted(e for e in os.listdir(root) if _step_of(e) is not None and _step_of(e) < int(step))
+            for old in older[:max(0, len(older) - (keep_last - 1))]:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     _barrier()
     return final
 
@@ -398,7 +467,9 @@ def load_checkpoint(path_or_root: str, model_chunks: List[torch.nn.Module], opti
             sd, is_loading=True, metadata=_optimizer_metadata(fmt if fmt in OPTIM_FORMATS else DISTRIB_OPTIM_FORMAT))
     if load_rng:
         sd["rng_state"] = _rng_sharded(_rng_state())
-    loaded = dist_checkpointing.load(sharded_state_dict=sd, checkpoint_dir=path)
+    checkpoint_trust.verify_digests(path)  # before anything is unpickled or copied
+    with checkpoint_trust.restricted_unpickling():
+        loaded = dist_checkpointing.load(sharded_state_dict=sd, checkpoint_dir=path)
 
     chunks = _unwrapped(model_chunks)
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]

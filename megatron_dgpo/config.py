@@ -20,6 +20,18 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     params_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Core attention: local = Megatron's unfused DotProductAttention, sdpa = torch SDPA /
+    # varlen_attn in the local spec (model/attention.py), te = Transformer Engine's (TE spec);
+    # auto = te with transformer_engine, local otherwise.
+    attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
+
+    def __post_init__(self):
+        from megatron_dgpo.model.builder import resolve_attention_backend
+
+        try:
+            resolve_attention_backend(self.transformer_impl, self.attention_backend)
+        except ValueError as e:
+            raise ValueError(f"parallel.{e}") from None
 
 
 @dataclass
@@ -57,8 +69,18 @@ class SGLangSettings:
     model_path: Optional[str] = None  # colocated: the HF folder the engine starts from
     tp_size: int = 1
     mem_fraction_static: float = 0.5
-    nccl_master_address: str = "127.0.0.1"  # server mode weight broadcast rendezvous
+    # Server-mode weight-broadcast rendezvous, on trainer rank 0's host; "" = its own host name.
+    nccl_master_address: str = ""
     nccl_master_port: int = 29600
+    request_timeout_s: float = 3600.0  # one HTTP request (a whole /generate share)
+    # Ranks other than 0 wait this long for rank 0's rollout and rewards (not the 30-minute
+    # process-group default: a long rollout must not kill the job).
+    wait_timeout_s: float = 86400.0
+    retries: int = 3  # per request, for refused/reset connections and HTTP 500/502-504, with backoff
+    # SGLang honours per-request seeds only with --enable-deterministic-inference: when true the
+    # launcher passes that flag and every sample gets its own seed; when false no seed is sent.
+    deterministic: bool = False
+    api_key_env: str = "DGPO_SGLANG_API_KEY"  # environment variable holding the servers' --api-key
 
 
 @dataclass
@@ -84,6 +106,11 @@ class AlgoConfig:
     mini_batches: int = 2  # optimizer steps per rollout batch (one PPO epoch, split)
     epochs: int = 1
     micro_batch_size: int = 16
+    # > 0: micro-batches cut by tokens (rows x own longest row, or packed length) instead of
+    # micro_batch_size rows, balanced over DP ranks (train/microbatch.py); exact.
+    max_tokens_per_micro_batch: int = 0
+    # Pack each micro-batch's sequences into one THD row (needs attention_backend sdpa or te).
+    pack_sequences: bool = False
     advantage: Literal["grpo", "drgrpo"] = "grpo"
     filter_zero_variance: bool = True
     old_logp_source: Literal["trainer", "rollout"] = "trainer"
@@ -93,6 +120,9 @@ class AlgoConfig:
     # logits or logit gradient in the policy update and the old-log-prob pass; same values.
     fused_lm_head: bool = True
     lm_head_chunk_tokens: Optional[int] = None  # tokens per tile (None: square tiles, ~256 MiB fp32 on CUDA, 32 MiB on CPU)
+    # Abort after this many consecutive RL steps in which no group had reward variance (a policy
+    # that diverged, or a solved task: no gradient left); 0 disables.
+    max_steps_without_variance: int = 10
     # Seed of the RL phase (prompt order, rollout sampling); the warm start depends only on the
     # top-level seed, so runs that differ here share one cached warm start.
     seed: int = 0
@@ -139,9 +169,19 @@ class TrainConfig:
     # state is gathered over DP while saving) or "dp_reshardable" (parallel writes; DP may change).
     optimizer_checkpoint_format: str = "fully_reshardable"
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace the checkpoints/metrics in output_dir
     tensorboard: bool = True
 
     def __post_init__(self):
+        if self.algo.pack_sequences and self.parallel.attention_backend not in ("sdpa", "te") and not (
+                self.parallel.attention_backend == "auto" and self.parallel.transformer_impl == "transformer_engine"):
+            raise ValueError("algo.pack_sequences needs parallel.attention_backend sdpa or te "
+                             f"(got {self.parallel.attention_backend!r}: Megatron's local attention has no THD path)")
+        if self.algo.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"algo.max_tokens_per_micro_batch={self.algo.max_tokens_per_micro_batch} must be >= 0")
         if self.optimizer_checkpoint_format not in OPTIM_FORMATS:
             raise ValueError(f"optimizer_checkpoint_format must be one of {OPTIM_FORMATS}, "
                              f"got {self.optimizer_checkpoint_format!r}")
+        from megatron_dgpo.config_checks import check_train_config
+
+        check_train_config(self)  # every field: finite, in range, layout consistent

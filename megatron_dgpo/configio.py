@@ -7,6 +7,7 @@ not halfway through a run. Dataclass `__post_init__` validation runs as the obje
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,17 @@ __all__ = ["ConfigError", "load_config", "from_dict", "config_to_dict", "to_yaml
 
 class ConfigError(ValueError):
     pass
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxlist, _repr.maxdict, _repr.maxstring, _repr.maxother = 2, 4, 4, 60, 60
+
+
+def short(value: Any, limit: int = 120) -> str:
+    """repr bounded in depth, width and length: an error message never embeds unbounded input
+    (a YAML alias bomb is a few hundred bytes that expand to gigabytes when printed)."""
+    text = _repr.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _where(path: str, source: str | None) -> str:
@@ -43,14 +55,14 @@ def _coerce(value: Any, tp: Any, path: str, source: str | None) -> Any:
                 return _coerce(value, alt, path, source)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{_where(path, source)}: {value!r} matches none of {tp}: " + "; ".join(errors))
+        raise ConfigError(f"{_where(path, source)}: {short(value)} matches none of {tp}: " + "; ".join(errors)[:300])
     if origin is Literal:
         if value in args and any(type(value) is type(a) for a in args if a == value):
             return value
-        raise ConfigError(f"{_where(path, source)}: {value!r} is not one of {list(args)}")
+        raise ConfigError(f"{_where(path, source)}: {short(value)} is not one of {list(args)}")
     if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{_where(path, source)}: expected a list, got {value!r}")
+            raise ConfigError(f"{_where(path, source)}: expected a list, got {short(value)}")
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(args) != len(value):
                 raise ConfigError(f"{_where(path, source)}: expected {len(args)} items, got {len(value)}")
@@ -60,7 +72,7 @@ def _coerce(value: Any, tp: Any, path: str, source: str | None) -> Any:
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{_where(path, source)}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{_where(path, source)}: expected a mapping, got {short(value)}")
         kt, vt = args if args else (Any, Any)
         return {_coerce(k, kt, f"{path}.<key>", source): _coerce(v, vt, f"{path}.{k}", source)
                 for k, v in value.items()}
@@ -68,23 +80,23 @@ def _coerce(value: Any, tp: Any, path: str, source: str | None) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{_where(path, source)}: expected a mapping for {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{_where(path, source)}: expected a mapping for {tp.__name__}, got {short(value)}")
         return _build(tp, value, path, source)
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{_where(path, source)}: expected null, got {value!r}")
+        raise ConfigError(f"{_where(path, source)}: expected null, got {short(value)}")
     if tp is bool:
         # yaml already maps true/false/yes/no; accepting 0/1 would hide a wrong key.
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{_where(path, source)}: expected a bool, got {value!r}")
+        raise ConfigError(f"{_where(path, source)}: expected a bool, got {short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{_where(path, source)}: expected an int, got {value!r}")
+        raise ConfigError(f"{_where(path, source)}: expected an int, got {short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -94,21 +106,21 @@ def _coerce(value: Any, tp: Any, path: str, source: str | None) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{_where(path, source)}: expected a float, got {value!r}")
+        raise ConfigError(f"{_where(path, source)}: expected a float, got {short(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. a version string "1.0" or an id given unquoted
-        raise ConfigError(f"{_where(path, source)}: expected a string, got {value!r}")
+        raise ConfigError(f"{_where(path, source)}: expected a string, got {short(value)}")
     if tp is Path:
         if isinstance(value, (str, Path)):
             return Path(value)
-        raise ConfigError(f"{_where(path, source)}: expected a path, got {value!r}")
+        raise ConfigError(f"{_where(path, source)}: expected a path, got {short(value)}")
     if isinstance(tp, type):
         if isinstance(value, tp):
             return value
-        raise ConfigError(f"{_where(path, source)}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{_where(path, source)}: expected {tp.__name__}, got {short(value)}")
     raise ConfigError(f"{_where(path, source)}: unsupported annotation {tp!r}")
 
 
@@ -118,7 +130,7 @@ def _build(cls: type, data: dict, prefix: str, source: str | None):
     unknown = [k for k in data if k not in flds]
     if unknown:
         full = [f"{prefix}.{k}" if prefix else str(k) for k in unknown]
-        raise ConfigError(f"unknown config key(s) {full}" + (f" in {source}" if source else "")
+        raise ConfigError(f"unknown config key(s) {short(full)}" + (f" in {source}" if source else "")
                           + f"; {cls.__name__} accepts {sorted(flds)}")
     kwargs = {}
     for name, value in data.items():
@@ -130,7 +142,7 @@ def _build(cls: type, data: dict, prefix: str, source: str | None):
         raise
     except (TypeError, ValueError) as e:
         where = (f" at {prefix!r}" if prefix else "") + (f" (from {source})" if source else "")
-        raise ConfigError(f"invalid {cls.__name__}{where}: {e}") from e
+        raise ConfigError(f"invalid {cls.__name__}{where}: {str(e)[:500]}") from None
 
 
 def from_dict(cls: type, data: dict, source: str | None = None):
@@ -178,8 +190,13 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: Itera
     source = None
     if yaml_path is not None:
         source = str(yaml_path)
-        with open(yaml_path) as f:
-            loaded = yaml.safe_load(f)
+        try:
+            with open(yaml_path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {source}: {e.strerror or e}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: not valid YAML: {str(e)[:300]}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -201,7 +218,7 @@ def _check_keys(cls: type, data: dict, prefix: str, source: str):
     for k, v in data.items():
         path = f"{prefix}.{k}" if prefix else k
         if k not in names:
-            raise ConfigError(f"unknown config key {path!r} in {source}; {cls.__name__} accepts {sorted(names)}")
+            raise ConfigError(f"unknown config key {short(path)} in {source}; {cls.__name__} accepts {sorted(names)}")
         tp = hints[k]
         sub = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or [tp]
         if isinstance(v, dict) and dataclasses.is_dataclass(sub[0]):

@@ -15,16 +15,13 @@ from megatron_dgpo.config import TrainConfig
 from megatron_dgpo.rl import rollout_stage
 from megatron_dgpo.rl.engines import EngineMemory, build_engine, sync_weights
 from megatron_dgpo.rl.evaluate import evaluate
-from megatron_dgpo.rl.metrics import MetricsLogger, plot_run
+from megatron_dgpo.rl.guard import CollapseMonitor, TooManySkippedSteps, require_finite_weights  # noqa: F401
+from megatron_dgpo.rl.metrics import MetricsLogger, complete_row, plot_run
 from megatron_dgpo.rl.policy import Policy
 from megatron_dgpo.rl.setup import load_data, load_tokenizer_for
 from megatron_dgpo.rl.warmstart import is_cached, warm_start
 from megatron_dgpo.rollout import SamplingParams
 from megatron_dgpo.train import pad_sequences
-
-
-class TooManySkippedSteps(RuntimeError):
-    pass
 
 
 def build_batch(ro, adv, keep, pad_id: int, multiple: int):
@@ -54,6 +51,11 @@ class RLTrainer:
         self.say = log if self.rank == 0 else (lambda *a, **k: None)
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = str(self.out / "checkpoints")
+        from megatron_dgpo.rundir import open_run_dir
+
+        self.run_dir = open_run_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+        if self.run_dir.note:
+            self.say(self.run_dir.note)
         self.tokenizer = load_tokenizer_for(cfg, self.out)
         self.train_set, self.eval_set, self.sampler = load_data(cfg, self.tokenizer, self.say)
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -61,12 +63,14 @@ class RLTrainer:
         self.policy = Policy(cfg)
         self.start_step = 0
         self.skipped = 0  # non-finite updates so far (algo.max_skipped_steps); kept across resumes
-        resume_from = checkpoint.latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        self.collapse = CollapseMonitor(cfg.algo.max_steps_without_variance)
+        resume_from = self.run_dir.resume_from
         if resume_from is not None:
             self.start_step = checkpoint.load_checkpoint(resume_from, self.policy.chunks, self.policy.optimizer)
             extra = checkpoint.read_meta(resume_from)["extra"]
             self.sampler.load_state_dict(int(extra["sampler"]))
             self.skipped = int(extra.get("skipped", 0))
+            self.collapse.streak = int(extra.get("no_variance_streak", 0))
             self.say(f"resumed from {resume_from} at RL step {self.start_step}")
         else:
             ws = cfg.warmstart
@@ -92,13 +96,16 @@ class RLTrainer:
         self.temperature = self.sampling.logprob_temperature
 
     def sync(self, version: int) -> None:
+        require_finite_weights(self.policy.chunks, f"before the weight sync of version {version}")
         sync_weights(self.policy, self.engine, version=version, distributed=self.distributed_rollout,
                      memory=self.engine_memory)
 
     def evaluate(self, step: int) -> dict:
+        t0 = time.perf_counter()
         m = evaluate(self.engine, self.reward_fn, self.tokenizer, self.eval_set.examples, self.cfg,
-                     distributed=self.distributed_rollout, seed=self.cfg.seed)
-        self.logger.log({"step": step, "kind": "eval", **{f"eval_{k}": v for k, v in m.items()}})
+                     distributed=self.distributed_rollout, seed=self.cfg.seed, wait_timeout_s=_wait_timeout(self.cfg))
+        self.logger.log({"step": step, "kind": "eval", **{f"eval_{k}": v for k, v in m.items()},
+                         "eval_s": time.perf_counter() - t0})
         self.say(f"[eval step {step}] held-out accuracy {m['accuracy']:.3f} on {int(m['num_problems'])} prompts")
         return m
 
@@ -111,27 +118,31 @@ class RLTrainer:
         self.sampling.seed = (cfg.seed + 7919 * algo.seed) * 100003 + step
         examples = self.sampler.next_batch()
         ro = rollout_stage.collect(self.engine, self.reward_fn, self.tokenizer, examples, self.sampling,
-                                   distributed=self.distributed_rollout)
+                                   distributed=self.distributed_rollout, wait_timeout_s=_wait_timeout(cfg))
         adv, keep, adv_stats = group_advantages(
             ro.rewards, cfg.rollout.group_size, scale="std" if algo.advantage == "grpo" else "none",
             filter_zero_variance=algo.filter_zero_variance)
         row = {"step": step + 1, "kind": "train", "reward_mean": sum(ro.rewards) / len(ro.rewards),
                "accuracy": sum(r > 0.5 for r in ro.rewards) / len(ro.rewards),
-               "response_len": ro.num_response_tokens / len(ro.samples), **adv_stats,
-               "rollout_s": time.perf_counter() - t0}
+               "response_len": ro.num_response_tokens / len(ro.samples), **adv_stats, **ro.timings,
+               "rollout_tokens": ro.num_tokens, "aborted_samples": ro.reward_stats.get("aborted", 0.0)}
+        self.collapse.update(step + 1, adv_stats["adv/zero_variance_frac"] < 1.0, row["reward_mean"])
         if int(keep.sum()) == 0:
             row["skipped"] = "no group with reward variance"
         else:
             self.engine_memory.release()
             batch = build_batch(ro, adv, keep, self.pad_id, multiple=_dp_size() * algo.mini_batches)
+            t1 = time.perf_counter()
             batch, gap = _with_old_logp(self.policy, batch, cfg, self.temperature)
+            row["old_logp_s"] = time.perf_counter() - t1
             if algo.tis_cap is not None:
                 w = tis_weights(batch.old_logp, batch.rollout_logp, cap=algo.tis_cap)
                 batch = dataclasses.replace(batch, advantages=batch.advantages[:, None] * w)
-            updates = []
+            updates, t1 = [], time.perf_counter()
             for _ in range(algo.epochs):
                 updates += self.policy.update(batch, temperature=self.temperature, lr=cfg.optim.lr)
-            row.update(_merge_updates(updates), train_rollout_logp_gap=gap)
+            row.update(_merge_updates(updates), train_rollout_logp_gap=gap, update_s=time.perf_counter() - t1)
+            row["update_tokens_per_s"] = row.get("tokens", 0.0) / max(row["update_s"], 1e-9)
             if not math.isfinite(row.get("loss", float("nan"))) or row.get("update_successful", 1.0) < 1:
                 self.skipped += 1
                 row["skipped"] = "non-finite loss or gradient"
@@ -139,16 +150,22 @@ class RLTrainer:
                          f"{self.skipped}/{algo.max_skipped_steps}")
                 if self.skipped >= algo.max_skipped_steps:
                     raise TooManySkippedSteps(f"{self.skipped} non-finite updates; aborting (algo.max_skipped_steps)")
+        t1 = time.perf_counter()
         self.sync(step + 1)
+        row["sync_s"] = time.perf_counter() - t1
         row["step_s"] = time.perf_counter() - t0
+        row["tokens_per_s"] = row["rollout_tokens"] / max(row["step_s"], 1e-9)
+        row = complete_row(row)
         self.logger.log(row)
         return row
 
     def save(self, step: int) -> None:
         from megatron_dgpo import checkpoint
 
+        require_finite_weights(self.policy.chunks, f"before saving the checkpoint of step {step}")
         checkpoint.save_checkpoint(self.ckpt_dir, step, self.policy.chunks, self.policy.optimizer,
-                                   extra={"sampler": self.sampler.state_dict(), "skipped": self.skipped}, keep_last=2,
+                                   extra={"sampler": self.sampler.state_dict(), "skipped": self.skipped,
+                                          "no_variance_streak": self.collapse.streak}, keep_last=2,
                                    optimizer_format=self.cfg.optimizer_checkpoint_format)
 
     def run(self) -> dict:
@@ -166,17 +183,33 @@ class RLTrainer:
             if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 self.save(step + 1)
         progress.close()
-        summary["eval_after"] = self.evaluate(cfg.algo.steps)
+        # Resumed after the final checkpoint: the final evaluation may already be logged.
+        summary["eval_after"] = self._logged_eval(cfg.algo.steps) or self.evaluate(cfg.algo.steps)
         if self.rank == 0:
             summary["plot"] = plot_run(str(self.out / "metrics.jsonl"), str(self.out / "training_curves.png"),
                                        title=f"{cfg.loss.name.upper()} on {cfg.data.task}")
         self.close()
         return summary
 
+    def _logged_eval(self, step: int) -> dict | None:
+        """The eval metrics already in metrics.jsonl for `step` on a run resumed at `step`, else
+        None (the same answer on every rank)."""
+        found = [None]
+        if self.rank == 0 and self.start_step == step and self.logger.path.exists():
+            from megatron_dgpo.rl.metrics import read_metrics
+
+            rows = [r for r in read_metrics(str(self.logger.path)) if r.get("kind") == "eval" and r.get("step") == step]
+            if rows:
+                found[0] = {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval_")}
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(found, src=0)
+        return found[0]
+
     def close(self) -> None:
         self.logger.close()
         if hasattr(self.reward_fn, "close"):
             self.reward_fn.close()
+        self.run_dir.close()
 
 
 def run(cfg: TrainConfig, log=print) -> dict:
@@ -204,7 +237,7 @@ def _merge_updates(updates: list[dict]) -> dict:
     out = {}
     for key in updates[0]:
         vals = [u[key] for u in updates]
-        if key.endswith("_tokens") or key in ("tokens", "step_time_s"):
+        if key.endswith("_tokens") or key in ("tokens", "step_time_s", "computed_tokens"):
             out[key] = sum(vals)
         elif key in ("lr", "num_microbatches", "normalizer"):
             out[key] = vals[-1]
@@ -213,8 +246,13 @@ def _merge_updates(updates: list[dict]) -> dict:
         else:
             weights = [u.get(_WEIGHT_OF.get(key, "valid_tokens"), 1.0) for u in updates]
             out[key] = sum(v * w for v, w in zip(vals, weights)) / sum(weights) if sum(weights) > 0 else 0.0
-    out["tokens_per_s"] = out.get("tokens", 0.0) / max(out.get("step_time_s", 0.0), 1e-9)
+    out.pop("tokens_per_s", None)  # the step's rates are set by RLTrainer.step
     return out
+
+
+def _wait_timeout(cfg):
+    """How long ranks without an engine wait for rank 0's SGLang rollout (None: the default)."""
+    return cfg.rollout.sglang.wait_timeout_s if cfg.rollout.engine == "sglang" else None
 
 
 def _dp_size() -> int:

@@ -20,7 +20,7 @@ class FakeEngine:
 
 
 class FakePolicy:
-    def stream_weights(self, receivers=None):
+    def stream_weights(self, receivers=None, version=0):
         return iter([("w", 1), ("b", 2)])
 
 
@@ -38,10 +38,10 @@ def _run(mode):
 def test_colocated_releases_and_resumes_in_order():
     assert _run("colocated") == [
         ("update", 2, "0"),
-        ("release", ("kv_cache", "weights")),
+        ("release", ("cuda_graph", "kv_cache", "weights")),
         ("resume", ("weights",)),
         ("update", 2, "1"),
-        ("resume", ("kv_cache",)),
+        ("resume", ("kv_cache", "cuda_graph")),
     ]
 
 

@@ -104,7 +104,9 @@ def test_wait_then_train_overrides_and_health(monkeypatch):
     over = wtt.extra_overrides(env)
     cfg = spec.load_train_config(EMBEDDED, over + ["rollout.engine=sglang"])
     assert cfg.rollout.sglang.server_urls == ["http://a:30000", "http://b:30001"]
-    assert cfg.rollout.sglang.nccl_master_address == "node7"
+    # the weight-broadcast master is trainer rank 0's own host, not the job's first node
+    assert not any("nccl_master_address" in o for o in over)
+    assert cfg.rollout.sglang.nccl_master_address == ""
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -204,3 +206,35 @@ def test_local_executor_success_and_failure(nemo, tmp_path):
     assert code == 1
     assert (tmp_path / "good" / "summary.json").is_file()
     assert not (tmp_path / "bad" / "summary.json").exists()
+
+
+def test_secrets_never_in_the_batch_script(nemo, tmp_path, monkeypatch):
+    """--env values named like secrets are not written into the sbatch script (they travel in
+    sbatch's environment; the script only checks they arrived) and are masked in dry-run output;
+    the servers get a per-job API key made on the allocation and, with deterministic rollouts,
+    --enable-deterministic-inference."""
+    monkeypatch.setenv("HF_TOKEN", "")  # restored after the test (plan_slurm sets it)
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    slurm = _slurm()
+    slurm.env_vars.update({"HF_TOKEN": "hf_verysecret123", "WANDB_API_KEY": "wandbsecret456"})
+    serve = SGLangServeSpec(nodes=1, servers_per_node=2, model_path="/m")
+    files = nemo.dryrun(nemo.plan_slurm(EMBEDDED, ["algo.steps=1", "rollout.sglang.deterministic=true"], slurm,
+                                        serve), base_dir=str(tmp_path))
+    text = "\n".join(files.values())
+    assert "hf_verysecret123" not in text and "wandbsecret456" not in text
+    assert ': "${HF_TOKEN:?' in text and ': "${WANDB_API_KEY:?' in text
+    assert "export NCCL_SOCKET_IFNAME=ib0" in text  # ordinary variables still are written
+    assert os.environ["HF_TOKEN"] == "hf_verysecret123"  # handed to sbatch through its environment
+    server = next(v for k, v in files.items() if "sglang.launch_server" in v)
+    assert '--api-key "$DGPO_SGLANG_API_KEY"' in server and "--enable-deterministic-inference" in server
+    assert "secrets.token_urlsafe" in next(v for k, v in files.items() if k.endswith("_sbatch.sh"))
+    assert spec.mask_secrets("token=abc123 x", {"MY_TOKEN": "abc123", "PLAIN": "x"}) == "token=*** x"
+
+
+def test_slurm_plan_refuses_a_layout_that_cannot_fit(nemo):
+    """TP2 x PP7 (valid for the model) on 2 nodes x 8 GPUs renders no job: refused before
+    submission, naming the keys."""
+    gpu = str(REPO / "examples" / "configs" / "r1_distill_qwen_1p5b.yaml")
+    over = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=7"]
+    with pytest.raises(ValueError, match="= 14 does not divide the 16 trainer GPUs"):
+        nemo.plan_slurm(gpu, over, _slurm(), check_paths=False)

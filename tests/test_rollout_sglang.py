@@ -1,11 +1,12 @@
-"""SGLang client tests. Without sglang: pure payload functions, the HTTP client against a fake
-server on 127.0.0.1, and the colocated call sequence against a fake Engine. With sglang
-(`-m sglang`, GPU machines): the payloads are checked against SGLang's own dataclasses."""
+"""SGLang client tests: pure payload functions; server mode against SGLang 0.5.23's own HTTP app
+(tests/sglang_fake.py; marked `sglang`, CI installs the wheel without GPU dependencies); the
+colocated engine against an Engine modelled on 0.5.23 (signatures checked in test_sglang_contract)."""
+import asyncio
 import importlib.util
 import json
 import pickle
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 
 import pytest
 import torch
@@ -21,10 +22,18 @@ HAS_SGLANG = importlib.util.find_spec("sglang") is not None
 # ---------------------------------------------------------------- pure payloads
 def test_generate_payload_rows_and_seeds():
     sp = SamplingParams(n=2, temperature=0.0, top_k=-1, max_new_tokens=7, stop_token_ids=[5], seed=10)
-    p = P.build_generate_payload([[1, 2], [3]], sp)
+    p = P.build_generate_payload([[1, 2], [3]], sp, deterministic=True)
     assert p["input_ids"] == [[1, 2], [1, 2], [3], [3]]
     assert p["return_logprob"] is True and p["logprob_start_len"] == -1
     assert [s["sampling_seed"] for s in p["sampling_params"]] == [10, 11, 12, 13]
+    # without --enable-deterministic-inference SGLang ignores seeds: none are sent
+    assert all("sampling_seed" not in s for s in P.build_generate_payload([[1]], sp)["sampling_params"])
+    # deterministic and no seed given: still one distinct seed per sample (not the server's one default)
+    seeds = [s["sampling_seed"] for s in P.build_generate_payload(
+        [[1]], SamplingParams(n=4), deterministic=True)["sampling_params"]]
+    assert len(set(seeds)) == 4
+    limited = P.build_generate_payload([[1], [2]], SamplingParams(n=2, max_new_tokens=9), max_new_tokens=[9, 3])
+    assert [s["max_new_tokens"] for s in limited["sampling_params"]] == [9, 9, 3, 3]
     s0 = p["sampling_params"][0]
     assert s0["max_new_tokens"] == 7 and s0["temperature"] == 0.0 and s0["top_k"] == -1
     assert s0["stop_token_ids"] == [5] and s0["skip_special_tokens"] is False
@@ -71,206 +80,268 @@ def test_weight_payloads_and_buckets():
     assert [[n for n, _ in b] for b in buckets] == [["a", "b"], ["c"], ["d"], ["e"]]
     d = P.build_update_from_distributed_payload(buckets[0] + [ts[3]], "g", flush_cache=False, version=None)
     assert d == {"names": ["a", "b", "d"], "dtypes": ["float32", "float32", "bfloat16"],
-                 "shapes": [[4], [2, 2], [3]], "group_name": "g", "flush_cache": False, "weight_version": None}
+                 "shapes": [[4], [2, 2], [3]], "group_name": "g", "flush_cache": False, "weight_version": None,
+                 "load_format": "flattened_bucket"}
+    flat = P.flatten_bucket(buckets[0])
+    assert flat.dtype == torch.uint8 and flat.numel() == 32
     assert P.build_init_group_payload("10.0.0.1", "2900", 1, 3) == {
         "master_address": "10.0.0.1", "master_port": 2900, "rank_offset": 1, "world_size": 3,
         "group_name": "weight_update_group", "backend": "nccl"}
     t = P.build_update_from_tensor_payload(["x", "y"], "5", True)
     assert t == {"serialized_named_tensors": ["x", "y"], "load_format": "flattened_bucket",
                  "flush_cache": True, "weight_version": "5"}
-    assert P.build_memory_payload(["weights"]) == {"tags": ["weights"]}
+    assert P.build_memory_payload(["weights", "cuda_graph"]) == {"tags": ["weights", "cuda_graph"]}
     assert P.build_memory_payload(None) == {"tags": None}
     with pytest.raises(ValueError):
         P.build_memory_payload(["weight"])
 
 
-# ---------------------------------------------------------------- fake HTTP server
-class FakeSGLang:
-    def __init__(self, apply_version=True):
-        self.requests = []
-        self.version = "default"
-        self.apply_version = apply_version
-        self.broadcasts = []
-        self.lock = threading.Condition()
-        self.in_session = False
-        fake = self
+# ---------------------------------------------------------------- server mode, against SGLang's app
+# FakeSGLangServer is SGLang's own FastAPI app with a fake scheduler side (tests/sglang_fake.py).
+needs_sglang = pytest.mark.sglang
 
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
 
-            def _reply(self, code, obj):
-                raw = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+class Pipe:
+    """Stands in for the NCCL group: what the trainer broadcasts, the fake servers receive."""
 
-            def do_GET(self):
-                fake.requests.append(("GET", self.path, None))
-                if self.path == "/model_info":
-                    return self._reply(200, {"model_path": "m", "weight_version": fake.version})
-                self._reply(404, {"detail": "Not Found"})
-
-            def do_POST(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(n) or b"null")
-                fake.requests.append(("POST", self.path, body))
-                code, obj = fake.handle(self.path, body)
-                self._reply(code, obj)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def handle(self, path, body):
-        ok = {"success": True, "message": "Success"}
-        if path == "/generate":
-            return 200, _resp(body["input_ids"], version=self.version)
-        if path == "/begin_weight_update":
-            self.in_session = True
-            return 200, ok
-        if path == "/end_weight_update":
-            self.in_session = False
-            return 200, ok
-        if path == "/init_weights_update_group":
-            return 200, ok
-        if path == "/update_weights_from_distributed":
-            if not self.in_session:
-                return 200, {"success": False, "message": "no weight-update session"}
-            # like SGLang, the request returns only after the trainer broadcast every tensor
-            with self.lock:
-                got = self.lock.wait_for(lambda: len(self.broadcasts) >= self.expected_broadcasts(body), 10)
-            if not got:
-                return 200, {"success": False, "message": "broadcast never arrived"}
-            if body.get("weight_version") is not None and self.apply_version:
-                self.version = body["weight_version"]
-            return 200, ok
-        if path in ("/release_memory_occupation", "/resume_memory_occupation", "/flush_cache"):
-            return 200, ok
-        return 404, {"detail": "Not Found"}
-
-    def expected_broadcasts(self, body):
-        seen = 0
-        for m, p, b in self.requests:
-            if p == "/update_weights_from_distributed":
-                seen += len(b["names"])
-                if b is body:
-                    return seen
-        return seen
+    def __init__(self, n_servers=1):
+        self.sent = []
+        self.cond = threading.Condition()
+        self.n = n_servers
 
     def broadcast(self, t):
-        with self.lock:
-            self.broadcasts.append(t.clone())
-            self.lock.notify_all()
+        with self.cond:
+            self.sent.append(t.clone())
+            self.cond.notify_all()
 
-    def posts(self, path):
-        return [b for m, p, b in self.requests if p == path and m == "POST"]
+    def receiver(self):
+        seen = [0]
 
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        def receive(names, dtypes, shapes, group, load_format):
+            with self.cond:
+                assert self.cond.wait_for(lambda: len(self.sent) > seen[0], 20)
+                flat = self.sent[seen[0]]
+                seen[0] += 1
+            assert load_format == "flattened_bucket" and flat.dtype == torch.uint8
+            from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket as FTB
+
+            meta = FTB.empty(names, dtypes, shapes, "cpu").get_metadata()  # SGLang's receive layout
+            return FTB(flattened_tensor=flat, metadata=meta).reconstruct_tensors()
+        return receive
 
 
 @pytest.fixture
-def fake():
-    f = FakeSGLang()
-    yield f
-    f.close()
+def server():
+    from tests.sglang_fake import FakeSGLangServer, FakeTokenizerManager
+
+    pipe = Pipe()
+    s = FakeSGLangServer(FakeTokenizerManager(receive=pipe.receiver()))
+    s.pipe = pipe
+    yield s
+    s.close()
 
 
-def test_http_generate_and_version(fake):
-    eng = SGLangServerEngine(fake.url, timeout_s=20)
+def _servers(n, **kw):
+    from tests.sglang_fake import FakeSGLangServer, FakeTokenizerManager
+
+    pipe = Pipe(n)
+    out = [FakeSGLangServer(FakeTokenizerManager(receive=pipe.receiver()), **kw) for _ in range(n)]
+    return out, pipe
+
+
+@needs_sglang
+def test_http_generate_and_version(server):
+    eng = SGLangServerEngine(server.url, timeout_s=20)
     assert eng.weight_version == "default"
     out = eng.generate([[1, 2], [7]], SamplingParams(n=2, max_new_tokens=4, temperature=0.5))
-    assert len(out) == 4 and out[2].response_ids == [8, 2] and out[0].weight_version == "default"
-    body = fake.posts("/generate")[0]
-    assert body["input_ids"] == [[1, 2], [1, 2], [7], [7]]
-    assert body["sampling_params"][0]["temperature"] == 0.5
+    assert len(out) == 4 and out[2].response_ids[0] == 8 and out[0].weight_version == "default"
+    (req,) = server.posts("generate")
+    assert req.input_ids == [[1, 2], [1, 2], [7], [7]] and req.sampling_params[0]["temperature"] == 0.5
+    assert req.return_logprob is True and req.logprob_start_len == -1
 
 
-def test_http_weight_update_flow(fake):
-    eng = SGLangServerEngine(fake.url, timeout_s=20, bucket_bytes=64)
+@needs_sglang
+def test_http_weight_update_flow(server):
+    eng = SGLangServerEngine(server.url, timeout_s=20, bucket_bytes=64)
     group = eng.init_weights_update_group("10.1.2.3", 29555, create_local_group=lambda ws: ("G", ws))
     assert group == ("G", 2)
-    init = fake.posts("/init_weights_update_group")[0]
-    assert (init["master_port"], init["world_size"], init["rank_offset"]) == (29555, 2, 1)
+    (init,) = server.posts("init")
+    assert (init.master_port, init.world_size, init.rank_offset) == (29555, 2, 1)
     ts = [("model.embed_tokens.weight", torch.arange(12.0).view(3, 4)),
-          ("model.norm.weight", torch.ones(4)), ("lm_head.weight", torch.full((4, 4), 2.0))]
-    eng.update_weights(iter(ts), version=5, broadcast=fake.broadcast)
-    ups = fake.posts("/update_weights_from_distributed")
-    assert [u["names"] for u in ups] == [["model.embed_tokens.weight", "model.norm.weight"], ["lm_head.weight"]]
-    assert [u["flush_cache"] for u in ups] == [False, True]
-    assert [u["weight_version"] for u in ups] == [None, "5"]
-    assert [tuple(t.shape) for t in fake.broadcasts] == [(3, 4), (4,), (4, 4)]
-    assert torch.equal(fake.broadcasts[0], ts[0][1])
-    paths = [p for m, p, _ in fake.requests if p != "/init_weights_update_group"]
-    assert paths[0] == "/begin_weight_update" and paths[-2:] == ["/end_weight_update", "/model_info"]
-    assert eng.weight_version == "5"
+          ("model.norm.weight", torch.ones(4)), ("lm_head.weight", torch.full((4, 4), 2.0)),
+          ("model.layers.0.mlp.up_proj.weight", torch.randn(2, 3).to(torch.bfloat16))]
+    eng.update_weights(iter(ts), version=5, broadcast=server.pipe.broadcast)
+    ups = server.posts("update")
+    assert [u.names for u in ups] == [["model.embed_tokens.weight", "model.norm.weight"], ["lm_head.weight"],
+                                      ["model.layers.0.mlp.up_proj.weight"]]
+    assert [u.flush_cache for u in ups] == [False, False, True]
+    assert [u.weight_version for u in ups] == [None, None, "5"]
+    assert {u.load_format for u in ups} == {"flattened_bucket"}
+    assert len(server.pipe.sent) == 3  # one broadcast per bucket, not per tensor
+    got = [t for bucket in server.tm.received for t in bucket]
+    assert [n for n, _ in got] == [n for n, _ in ts]
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for (_, a), (_, b) in zip(got, ts))
+    assert eng.weight_version == "5" and server.tm.version == "5"
     assert {o.weight_version for o in eng.generate([[1]], SamplingParams())} == {"5"}
-    eng.release_memory(["kv_cache", "weights"])
+    eng.release_memory(["kv_cache", "weights", "cuda_graph"])
     eng.resume_memory(["weights"])
-    assert fake.posts("/release_memory_occupation")[0] == {"tags": ["kv_cache", "weights"]}
+    assert server.posts("release")[0].tags == ["kv_cache", "weights", "cuda_graph"]
     eng.flush_cache()
 
 
-def test_http_version_not_applied_raises():
-    f = FakeSGLang(apply_version=False)
+@needs_sglang
+def test_requests_bypass_proxies(server, monkeypatch):
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, dead)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    eng = SGLangServerEngine(server.url, timeout_s=10, retries=0)
+    assert eng.weight_version == "default"
+    assert len(eng.generate([[3]], SamplingParams(max_new_tokens=2))) == 1
+
+
+def _closed_port():
+    from tests.sglang_fake import free_port
+
+    return free_port()  # nothing listens there: connections are refused
+
+
+@needs_sglang
+def test_api_key_is_sent(monkeypatch):
+    from tests.sglang_fake import FakeSGLangServer
+
+    s = FakeSGLangServer(api_key="job-secret")
     try:
-        eng = SGLangServerEngine(f.url, timeout_s=20)
-        with pytest.raises(P.SGLangResponseError, match="expected '2'"):
-            eng.update_weights([("w", torch.ones(2))], version=2, broadcast=f.broadcast)
-        # a later generate from stale weights is refused too
-        eng._version = "2"
-        with pytest.raises(P.SGLangResponseError, match="weight_version"):
-            eng.generate([[1]], SamplingParams())
+        with pytest.raises(P.SGLangResponseError, match="HTTP 401"):
+            SGLangServerEngine(s.url, timeout_s=10).servers[0].post("/begin_weight_update", {})
+        eng = SGLangServerEngine(s.url, timeout_s=10, api_key="job-secret")
+        eng.servers[0].post("/begin_weight_update", {})
+        assert len(eng.generate([[3]], SamplingParams(max_new_tokens=2))) == 1
     finally:
-        f.close()
+        s.close()
 
 
-def test_two_servers_split_and_shared_broadcast():
-    a, b = FakeSGLang(), FakeSGLang()
+@needs_sglang
+def test_overlong_prompts_are_clamped_and_isolated(server):
+    eng = SGLangServerEngine(server.url, timeout_s=20)
+    ctx = server.tm.context_len
+    prompts = [[1] * 10, [2] * (ctx - 3), [3] * ctx, [4] * 5]
+    out = eng.generate(prompts, SamplingParams(n=2, max_new_tokens=8))
+    assert [o.prompt_index for o in out] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [len(o.response_ids) for o in out] == [8, 8, 3, 3, 0, 0, 8, 8]
+    assert [o.finish_reason for o in out][4:6] == ["abort", "abort"] and eng.failed_rows == 2
+    # SGLang refuses a whole batch with HTTP 400 for one bad row: the others still come back
+    server.tm.context_len = 12  # the server now validates against less than it advertised
+    out = eng.generate([[1] * 3, [2] * 11, [3] * 2], SamplingParams(n=1, max_new_tokens=8))
+    assert [len(o.response_ids) for o in out] == [8, 0, 8] and out[1].finish_reason == "abort"
+
+
+@needs_sglang
+def test_aborted_rows_become_failed_samples(server):
+    server.tm.abort_rows = {1}
+    out = SGLangServerEngine(server.url, timeout_s=20).generate([[5], [6]], SamplingParams(n=2, max_new_tokens=3))
+    assert [o.finish_reason for o in out] == ["length", "abort", "length", "length"]
+    assert out[1].response_ids == [] and out[1].logprobs == [] and len(out[2].response_ids) == 3
+
+
+@needs_sglang
+@pytest.mark.parametrize("fault", ["no_session", "unknown_group"])
+def test_rejected_update_fails_fast(server, fault):
+    eng = SGLangServerEngine(server.url, timeout_s=60, weight_update_session=fault != "no_session")
+    eng.init_weights_update_group("h", 1, create_local_group=lambda ws: "G")
+    if fault == "unknown_group":
+        eng._group_name = "other"
+    never = threading.Event()
+    t0 = time.monotonic()
+    with pytest.raises(P.SGLangResponseError, match="refused.*(begin_weight_update|Group other)"):
+        eng.update_weights([("w", torch.ones(2))], version=1, broadcast=lambda t: never.wait(60))
+    assert time.monotonic() - t0 < 10  # not the broadcast's (NCCL's) timeout
+
+
+@needs_sglang
+def test_version_not_applied_raises(server):
+    eng = SGLangServerEngine(server.url, timeout_s=20)
+    eng.init_weights_update_group("h", 1, create_local_group=lambda ws: "G")
+
+    def receive_and_forget(*a):
+        got = server.pipe.receiver()(*a)
+        server.tm.version = "stale"
+        return got
+    server.tm.receive = receive_and_forget
+    orig = server.tm.update_weights_from_distributed
+
+    async def keep_stale(obj, request=None):
+        ok = await orig(obj, request)
+        server.tm.version = "stale"
+        return ok
+    server.tm.update_weights_from_distributed = keep_stale
+    with pytest.raises(P.SGLangResponseError, match="expected '2'"):
+        eng.update_weights([("w", torch.ones(2))], version=2, broadcast=server.pipe.broadcast)
+
+
+@needs_sglang
+def test_two_servers_split_seeds_and_shared_broadcast():
+    (a, b), pipe = _servers(2)
     try:
-        eng = SGLangServerEngine([a.url, b.url], timeout_s=20, bucket_bytes=1 << 20)
+        eng = SGLangServerEngine([a.url, b.url], timeout_s=20, bucket_bytes=1 << 20, deterministic=True)
         eng.init_weights_update_group("h", 1234, server_tp_size=2, create_local_group=lambda ws: ws)
-        inits = a.posts("/init_weights_update_group") + b.posts("/init_weights_update_group")
-        assert [(i["rank_offset"], i["world_size"]) for i in inits] == [(1, 5), (3, 5)]
-        prompts = [[10], [20], [30]]
-        out = eng.generate(prompts, SamplingParams(n=2, seed=100))
+        assert [(i.rank_offset, i.world_size) for i in a.posts("init") + b.posts("init")] == [(1, 5), (3, 5)]
+        out = eng.generate([[10], [20], [30]], SamplingParams(n=2, seed=100))
         assert [o.prompt_index for o in out] == [0, 0, 1, 1, 2, 2]
-        assert [o.response_ids[0] for o in out] == [11, 11, 21, 21, 31, 31]
-        ga, gb = a.posts("/generate")[0], b.posts("/generate")[0]
-        assert ga["input_ids"] == [[10], [10]] and gb["input_ids"] == [[20], [20], [30], [30]]
-        seeds = [p["sampling_seed"] for p in ga["sampling_params"] + gb["sampling_params"]]
-        assert seeds == list(range(100, 106))
+        ga, gb = a.posts("generate")[0], b.posts("generate")[0]
+        assert ga.input_ids == [[10], [10]] and gb.input_ids == [[20], [20], [30], [30]]
+        seeds = [p["sampling_seed"] for p in ga.sampling_params + gb.sampling_params]
+        assert seeds == list(range(100, 106))  # deterministic: every sample its own seed
+        assert out[0].response_ids != out[1].response_ids
 
         def both(t):  # one NCCL broadcast reaches every server
-            a.broadcast(t)
-            b.broadcast(t)
+            pipe.broadcast(t)
+            pipe.broadcast(t)
+        a.tm.receive, b.tm.receive = pipe.receiver(), pipe.receiver()
+        pipe.sent.clear()
         eng.update_weights([("w", torch.ones(3)), ("v", torch.zeros(2))], version="s1", broadcast=both)
-        assert a.version == b.version == "s1" == eng.weight_version
-        assert len(a.broadcasts) == len(b.broadcasts) == 2
+        assert a.tm.version == b.tm.version == "s1" == eng.weight_version
     finally:
         a.close()
         b.close()
 
 
-def test_http_errors_surface(fake):
-    eng = SGLangServerEngine(fake.url, timeout_s=20, weight_update_session=False)
-    # without begin_weight_update the fake (like SGLang 0.5.23) refuses the update
-    with pytest.raises(P.SGLangResponseError, match="no weight-update session"):
-        eng.update_weights([("w", torch.ones(2))], version=1, broadcast=fake.broadcast)
+@needs_sglang
+def test_dead_server_is_retried_then_rerouted():
+    (a, b), _ = _servers(2)
+    try:
+        eng = SGLangServerEngine([a.url, b.url], timeout_s=20, retries=2, backoff_s=0.05)
+        eng.generate([[1]], SamplingParams(max_new_tokens=2))  # learn the context lengths
+
+        async def die():  # the server goes away in the middle of the batch
+            b.server.should_exit = True
+            await asyncio.sleep(5)
+        b.tm.on_generate = die
+        out = eng.generate([[1], [2], [3], [4]], SamplingParams(n=1, max_new_tokens=2))
+        assert [o.prompt_index for o in out] == [0, 1, 2, 3] and all(o.response_ids for o in out)
+        assert len(a.posts("generate")) >= 2  # its own share and b's
+        a.close()
+        with pytest.raises(P.SGLangServerUnavailable, match="no SGLang server could take the rollout"):
+            eng.generate([[1], [2]], SamplingParams(max_new_tokens=2))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_http_errors_surface():
+    from tests.sglang_fake import free_port
+
+    eng = SGLangServerEngine(f"http://127.0.0.1:{free_port()}", timeout_s=5, retries=1, backoff_s=0.01)
+    with pytest.raises(P.SGLangServerUnavailable, match="after 2 attempt"):
+        eng.servers[0].request("GET", "/model_info")
     with pytest.raises(ValueError, match="no tensors"):
-        SGLangServerEngine(fake.url, weight_update_session=False).update_weights([], 1, broadcast=fake.broadcast)
-    with pytest.raises(P.SGLangResponseError, match="HTTP 404"):
-        eng.servers[0].post("/no_such_endpoint", {})
+        SGLangServerEngine(eng.servers[0].base_url, weight_update_session=False).update_weights(
+            [], 1, broadcast=lambda t: None)
     with pytest.raises(RuntimeError, match="init_weights_update_group"):
-        SGLangServerEngine(fake.url).update_weights([("w", torch.ones(2))], version=1)
+        eng.update_weights([("w", torch.ones(2))], version=1)
 
-
-# ---------------------------------------------------------------- colocated, fake Engine
+# ---------------------------------------------------------------- colocated, Engine modelled on 0.5.23
 class _Bucket:
     """Stand-in for FlattenedTensorBucket: same constructor keyword and getters."""
 
@@ -285,15 +356,48 @@ class _Bucket:
         return self.meta
 
 
-class FakeEngine:
-    def __init__(self, with_version_kw=True):
-        self.calls = []
-        self.server_args = type("SA", (), {"tp_size": 2, "weight_version": "default"})()
-        self.version = "default"
-        if not with_version_kw:
-            self.update_weights_from_tensor = self._update_no_version
+class _Req:
+    """UpdateWeightsFromTensorReqInput's fields (the contract test checks them against SGLang)."""
 
-    def begin_weight_update(self):
+    def __init__(self, serialized_named_tensors, load_format=None, flush_cache=True, weight_version=None):
+        self.serialized_named_tensors, self.load_format = serialized_named_tensors, load_format
+        self.flush_cache, self.weight_version = flush_cache, weight_version
+
+
+class FakeTokenizerManager:
+    """tokenizer_control_mixin.TokenizerControlMixin.update_weights_from_tensor: loads, then sets
+    weight_version only when the request carries one; config_value reads it back."""
+
+    def __init__(self, fail_at=None):
+        self.calls, self.version, self.fail_at = [], "default", fail_at
+
+    async def update_weights_from_tensor(self, obj, request=None):
+        self.calls.append(("tensor", [pickle.loads(x) for x in obj.serialized_named_tensors], obj.load_format,
+                           obj.flush_cache, obj.weight_version))
+        if self.fail_at is not None and len(self.calls) > self.fail_at:
+            return False, "boom"
+        if obj.weight_version is not None:
+            self.version = obj.weight_version
+        return True, "Success"
+
+    def config_value(self, name):
+        return self.version if name == "weight_version" else None
+
+
+class FakeEngine:
+    """sglang.srt.entrypoints.engine.Engine 0.5.23: the methods and attributes we use, with its
+    signatures (tests/test_sglang_contract.py compares them); no update_weight_version, and
+    update_weights_from_tensor without weight_version."""
+
+    def __init__(self, fail_at=None):
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        self.tokenizer_manager = FakeTokenizerManager(fail_at)
+        self.server_args = type("SA", (), {"tp_size": 2})()
+        self.calls = self.tokenizer_manager.calls
+
+    def begin_weight_update(self, selector="all"):
         self.calls.append(("begin",))
         return True, "ok"
 
@@ -301,22 +405,12 @@ class FakeEngine:
         self.calls.append(("end",))
         return True, "ok"
 
-    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True, weight_version=None):
-        self.calls.append(("tensor", [pickle.loads(x) for x in named_tensors], load_format, flush_cache, weight_version))
-        if weight_version is not None:
-            self.version = weight_version
-        return True, "Success"
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        raise AssertionError("cannot carry weight_version in 0.5.23; the engine must not use it")
 
-    def _update_no_version(self, named_tensors, load_format=None, flush_cache=True):
-        return FakeEngine.update_weights_from_tensor(self, named_tensors, load_format, flush_cache)
-
-    def update_weight_version(self, new_version):
-        self.calls.append(("version", new_version))
-        self.version = new_version
-        return {"success": True}
-
-    def generate(self, input_ids, sampling_params, return_logprob, logprob_start_len):
-        return _resp(input_ids, version=self.version)
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
+                 logprob_start_len=None, **kw):
+        return _resp(input_ids, version=self.tokenizer_manager.version)
 
     def release_memory_occupation(self, tags=None):
         self.calls.append(("release", tags))
@@ -325,15 +419,14 @@ class FakeEngine:
         self.calls.append(("resume", tags))
 
 
-@pytest.mark.parametrize("with_version_kw", [True, False])
-def test_colocated_call_sequence(with_version_kw):
-    fe = FakeEngine(with_version_kw)
-    eng = SGLangColocatedEngine(fe, bucket_bytes=40, flatten=_Bucket, serialize=pickle.dumps)
+def test_colocated_call_sequence():
+    fe = FakeEngine()
+    eng = SGLangColocatedEngine(fe, bucket_bytes=40, flatten=_Bucket, serialize=pickle.dumps, request_type=_Req)
     assert eng.tp_size == 2 and eng.weight_version == "default"
     ts = [("a", torch.ones(4)), ("b", torch.full((2, 3), 3.0)), ("c", torch.zeros(2))]
     eng.update_weights(ts, version=9)
     kinds = [c[0] for c in fe.calls]
-    assert kinds[0] == "begin" and kinds[1:3] == ["tensor", "tensor"] and kinds[3] == "end"
+    assert kinds == ["begin", "tensor", "tensor", "end"]
     t1, t2 = fe.calls[1], fe.calls[2]
     assert len(t1[1]) == 2  # one payload per TP rank
     assert torch.equal(t1[1][0]["flattened_tensor"], t1[1][1]["flattened_tensor"])
@@ -341,27 +434,26 @@ def test_colocated_call_sequence(with_version_kw):
     assert [m[0] for m in t1[1][0]["metadata"]] == ["a", "b"] and [m[0] for m in t2[1][0]["metadata"]] == ["c"]
     assert torch.equal(t1[1][0]["flattened_tensor"], torch.cat([ts[0][1], ts[1][1].flatten()]))
     assert (t1[2], t1[3], t2[3]) == ("flattened_bucket", False, True)
-    if with_version_kw:
-        assert (t1[4], t2[4]) == (None, "9")
-    else:
-        assert fe.calls[-1] == ("version", "9")
-    assert eng.weight_version == "9"
+    assert (t1[4], t2[4]) == (None, "9")  # the version rides on the last bucket
+    assert eng.weight_version == "9" and fe.tokenizer_manager.version == "9"
     out = eng.generate([[4]], SamplingParams(n=3))
     assert len(out) == 3 and out[0].weight_version == "9"
-    eng.release_memory(["weights"])
+    eng.release_memory(["weights", "cuda_graph"])
     eng.resume_memory(["weights", "kv_cache"])
-    assert fe.calls[-2:] == [("release", ["weights"]), ("resume", ["weights", "kv_cache"])]
+    assert fe.calls[-2:] == [("release", ["weights", "cuda_graph"]), ("resume", ["weights", "kv_cache"])]
 
 
-def test_colocated_failure_raises_and_closes_session():
-    fe = FakeEngine()
-    fe.update_weights_from_tensor = lambda **kw: (False, "boom")
-    eng = SGLangColocatedEngine(fe, flatten=_Bucket, serialize=pickle.dumps)
-    eng._tensor_update_takes_version = True
+def test_colocated_failure_marks_weights_unknown():
+    fe = FakeEngine(fail_at=1)  # the first bucket loads, the second fails
+    eng = SGLangColocatedEngine(fe, bucket_bytes=16, flatten=_Bucket, serialize=pickle.dumps, request_type=_Req)
     with pytest.raises(P.SGLangResponseError, match="boom"):
-        eng.update_weights([("a", torch.ones(1))], version=1)
-    assert fe.calls[-1] == ("end",) and eng.weight_version == "default"
-
+        eng.update_weights([("a", torch.ones(4)), ("b", torch.ones(4))], version=1)
+    assert fe.calls[-1] == ("end",)  # the session is closed
+    with pytest.raises(P.SGLangResponseError, match="partly updated"):
+        eng.generate([[1]], SamplingParams())
+    fe.tokenizer_manager.fail_at = None
+    eng.update_weights([("a", torch.ones(4)), ("b", torch.ones(4))], version=2)
+    assert eng.weight_version == "2" and len(eng.generate([[1]], SamplingParams())) == 1
 
 @pytest.mark.skipif(HAS_SGLANG, reason="sglang is installed")
 def test_missing_sglang_error_names_extra():
@@ -370,43 +462,6 @@ def test_missing_sglang_error_names_extra():
     with pytest.raises(ImportError, match="megatron-dgpo"):
         SGLangColocatedEngine(model_path="x")
     assert "megatron-dgpo[sglang]" in INSTALL_HINT
-
-
-# ---------------------------------------------------------------- against real sglang
-@pytest.mark.sglang
-def test_payloads_match_sglang_io_struct():
-    from sglang.srt.managers import io_struct as io
-
-    sp = SamplingParams(n=2, temperature=0.7, top_k=20, max_new_tokens=8, stop_token_ids=[3], seed=1)
-    gen = io.GenerateReqInput(**P.build_generate_payload([[1, 2], [3]], sp))
-    assert gen.input_ids == [[1, 2], [1, 2], [3], [3]]
-    from sglang.srt.sampling.sampling_params import SamplingParams as SGLSamplingParams
-
-    SGLSamplingParams(**P.build_generate_payload([[1]], sp)["sampling_params"][0])
-    io.InitWeightsUpdateGroupReqInput(**P.build_init_group_payload("127.0.0.1", 29500, 1, 2))
-    io.UpdateWeightsFromDistributedReqInput(**P.build_update_from_distributed_payload(
-        [("w", torch.ones(2, dtype=torch.bfloat16))], "weight_update_group", True, "3"))
-    io.UpdateWeightsFromTensorReqInput(**P.build_update_from_tensor_payload([b"x"], "3", True))
-    io.ReleaseMemoryOccupationReqInput(**P.build_memory_payload(["weights", "kv_cache"]))
-    io.ResumeMemoryOccupationReqInput(**P.build_memory_payload(["weights"]))
-    io.BeginWeightUpdateReqInput()
-    io.EndWeightUpdateReqInput()
-
-
-@pytest.mark.sglang
-def test_flattened_bucket_roundtrip_with_sglang_serializer():
-    from sglang.srt.utils import MultiprocessingSerializer
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
-
-    ts = [("a", torch.randn(3, 4)), ("b", torch.randn(5))]
-    (bucket,) = list(P.bucket_named_tensors(ts, 1 << 20))
-    fb = FlattenedTensorBucket(named_tensors=bucket)
-    blob = MultiprocessingSerializer.serialize({"flattened_tensor": fb.get_flattened_tensor(),
-                                                "metadata": fb.get_metadata()})
-    back = MultiprocessingSerializer.deserialize(blob)
-    rec = FlattenedTensorBucket(flattened_tensor=back["flattened_tensor"], metadata=back["metadata"])
-    for (n, t), (n2, t2) in zip(ts, rec.reconstruct_tensors()):
-        assert n == n2 and torch.equal(t, t2)
 
 
 def test_from_train_config_validation():
@@ -423,3 +478,40 @@ def test_from_train_config_validation():
         from_train_config(cfg())
     with pytest.raises(ValueError, match="model_path"):
         from_train_config(cfg(mode="colocated"))
+
+
+def test_from_train_config_server_wiring(monkeypatch):
+    """Rank 0 rendezvouses at its own host (torchrun may make any node rank 0), and the job's
+    API key comes from the environment, never from the config file."""
+    from megatron_dgpo.config import TrainConfig
+    from megatron_dgpo.configio import load_config
+    from megatron_dgpo.rollout import sglang_engine as SE
+
+    seen = {}
+    monkeypatch.setattr(SE.SGLangServerEngine, "init_weights_update_group",
+                        lambda self, addr, port, server_tp_size: seen.update(addr=addr, port=port, tp=server_tp_size))
+    monkeypatch.setattr(SE, "trainer_host_address", lambda: "trainer-rank0-host")
+    monkeypatch.setenv("DGPO_SGLANG_API_KEY", "k123")
+    cfg = load_config(TrainConfig, None, ["rollout.engine=sglang", "rollout.sglang.server_urls=[http://s:1]",
+                                          "rollout.sglang.tp_size=2", "rollout.sglang.deterministic=true",
+                                          "rollout.sglang.request_timeout_s=77"])
+    eng = SE.from_train_config(cfg)
+    assert seen == {"addr": "trainer-rank0-host", "port": 29600, "tp": 2}
+    assert eng.servers[0].api_key == "k123" and eng.deterministic and eng.timeout_s == 77
+    cfg.rollout.sglang.nccl_master_address = "10.0.0.9"
+    SE.from_train_config(cfg)
+    assert seen["addr"] == "10.0.0.9"
+
+
+def test_waiting_ranks_use_the_configured_timeout(monkeypatch):
+    """Ranks without an engine wait on a gloo group whose timeout is rollout.sglang.wait_timeout_s."""
+    from megatron_dgpo.rl import rollout_stage as RS
+
+    made, sent = [], []
+    monkeypatch.setattr(RS.dist, "new_group", lambda backend, timeout: made.append((backend, timeout)) or "WG")
+    monkeypatch.setattr(RS.dist, "broadcast_object_list", lambda box, src, group=None: sent.append(group))
+    monkeypatch.setattr(RS, "_world", lambda: (1, 2))
+    RS._wait_group.cache_clear()
+    RS.generate(None, [[1]], SamplingParams(), distributed=False, wait_timeout_s=5000.0)
+    RS.generate(None, [[1]], SamplingParams(), distributed=False, wait_timeout_s=5000.0)
+    assert [(b, t.total_seconds()) for b, t in made] == [("gloo", 5000.0)] and sent == ["WG", "WG"]

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_one(args, loss: str, seed: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-           str(REPO / "examples" / "train_dgpo.py"), "--config", args.config,
+           str(REPO / "examples" / "train_dgpo.py"), "--config", args.config, "--overwrite",
            f"loss.name={loss}", f"algo.seed={seed}", f"output_dir={out}", f"eval.every={args.eval_every}",
            *args.overrides]
     out.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ if has job; then
   job=(examples/train_dgpo.py --config examples/configs/embedded_cpu.yaml parallel.tensor_model_parallel_size=1
        parallel.params_dtype=bfloat16 parallel.use_distributed_optimizer=true algo.steps=20 eval.every=10
        save_every=10 output_dir=/tmp/job warmstart.cache_dir=/tmp/job_cache)
-  timeout 150 python3 -m torch.distributed.run --nproc_per_node 1 "${job[@]}" 2>&1 | grep -v Warning | tail -n 25 || status=1
+  timeout 150 python3 -m torch.distributed.run --nproc_per_node 1 "${job[@]}" --overwrite 2>&1 | grep -v Warning | tail -n 25 || status=1
   timeout 60 python3 -m torch.distributed.run --nproc_per_node 1 "${job[@]}" algo.steps=22 --resume 2>&1 | grep -v Warning | tail -n 8 || status=1
   cp /tmp/job/metrics.jsonl "$OUT/job_metrics.jsonl" 2>/dev/null || { echo "no metrics.jsonl"; status=1; }
 fi

@@ -28,7 +28,7 @@ to the real `torch` except
   `dist_checkpointing/strategies/state_dict_saver.py`, `utils.py`, the causal mask in
   `transformer/utils.get_default_causal_mask` used by the local attention).
 
-Besides the proxy, four narrow function patches:
+Besides the proxy, five narrow function patches:
 
 * `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state` are replaced by
   `torch.get_rng_state` / `torch.set_rng_state` (they index `torch.cuda.default_generators`),
@@ -48,6 +48,9 @@ Not covered (not reached by this project on CPU): other `Tensor.cuda()` calls: o
 offload, `utils.check_param_hashes_across_dp_replicas`, the fully-parallel dist-ckpt
 load/save wrappers (`exchange_utils.py`, use the plain strategies on CPU), `torch.autocast("cuda")`
 in the schedule (only with `config.enable_autocast`), CUDA graphs, TE, FP8.
+
+* `P2PCommunicator._communicate_shapes` (pipeline stages with variable micro-batch shapes) uses
+  Megatron's ordered unbatched `_p2p_ops` when `config.batch_p2p_comm` is False (below).
 
 Related, set outside this module: `TransformerConfig.batch_p2p_comm=False` on gloo (builder and
 `train.step.prepare_model_config`): gloo's batched isend/irecv between one pair of ranks
@@ -377,8 +380,38 @@ def enable_cpu_backend(force: bool = False) -> bool:
     if lm is not None and hasattr(lm.LanguageModule, "setup_embeddings_and_output_layer"):
         cls = lm.LanguageModule
         cls.setup_embeddings_and_output_layer = _with_tensor_cuda_noop(cls.setup_embeddings_and_output_layer)
+    p2p = _import("megatron.core.pipeline_parallel.p2p_communication")
+    if p2p is not None and hasattr(p2p, "P2PCommunicator") and hasattr(p2p, "_p2p_ops"):
+        p2p.P2PCommunicator._communicate_shapes = _ordered_communicate_shapes(
+            p2p.P2PCommunicator._communicate_shapes, p2p._p2p_ops)
     _ENABLED = True
     return True
+
+
+def _ordered_communicate_shapes(batched, p2p_ops):
+    """`P2PCommunicator._communicate_shapes` (variable_seq_lengths: stages exchange the shape of
+    the next activation / gradient first) always uses batch_isend_irecv, whose gloo matching
+    between one pair of ranks is unreliable (see batch_p2p_comm above). With
+    `config.batch_p2p_comm=False` this exchanges the shapes with Megatron's own ordered,
+    unbatched `_p2p_ops`, as the activations themselves are."""
+    def communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+        if self.config.batch_p2p_comm or self.config.use_ring_exchange_p2p:
+            return batched(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next)
+
+        def shape(t):
+            return None if t is None else torch.tensor(list(t.size()), dtype=torch.int64)
+        r_prev = torch.empty((3,), dtype=torch.int64) if recv_prev else None
+        r_next = torch.empty((3,), dtype=torch.int64) if recv_next else None
+        reqs = p2p_ops(tensor_send_prev=shape(tensor_send_prev), tensor_recv_prev=r_prev,
+                       tensor_send_next=shape(tensor_send_next), tensor_recv_next=r_next,
+                       group=self.pp_group, prev_pipeline_rank=self.prev_rank,
+                       next_pipeline_rank=self.next_rank)
+        for req in (reqs.values() if isinstance(reqs, dict) else reqs):
+            req.wait()
+        return (r_prev.tolist() if r_prev is not None else [0, 0, 0],
+                r_next.tolist() if r_next is not None else [0, 0, 0])
+
+    return communicate_shapes
 
 
 class TorchNorm(torch.nn.Module):

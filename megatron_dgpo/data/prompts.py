@@ -4,15 +4,24 @@
 A prompt is either a string or a chat `messages` list; with `apply_chat_template` the tokenizer's
 template turns it into the model's input. Field names are dotted paths, so verl's
 `reward_model.ground_truth` works as well as a flat `answer` column.
+
+Files: `.parquet`, `.jsonl` / `.json` (one object per line), each optionally gzipped (`.gz`). JSONL
+is UTF-8 (a leading BOM is tolerated); a line that is not valid UTF-8 or not valid JSON is a
+malformed row (named by file and line, subject to `on_malformed`). A ground truth that is empty or
+"nan" (a missing value exported by pandas) is malformed too.
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
+
+from megatron_dgpo.configio import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +49,13 @@ class PromptDataConfig:
         if self.max_prompt_length <= 0:
             raise ValueError("PromptDataConfig.max_prompt_length must be positive")
         if self.answer_regex is not None:
-            re.compile(self.answer_regex)
+            shown = self.answer_regex[:80]
+            try:
+                groups = re.compile(self.answer_regex).groups
+            except re.error as e:
+                raise ValueError(f"answer_regex {shown!r} is not a valid regular expression: {e}") from None
+            if groups < 1:
+                raise ValueError(f"answer_regex {shown!r} has no capture group: wrap the answer in (...)")
 
 
 @dataclass
@@ -63,26 +78,57 @@ class PromptDataset:
         return self.examples[i]
 
 
-def read_rows(path: str | Path, fmt: str = "auto") -> list[dict]:
-    """All rows of a parquet or JSONL file as dicts. JSONL syntax errors name the line."""
-    path = Path(path)
-    if fmt == "auto":
-        fmt = "parquet" if path.suffix == ".parquet" else "jsonl"
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+def _format_of(path: Path) -> str:
+    name = path.name.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".bz2", ".xz", ".zst", ".zip", ".7z", ".tar")):
+        raise ConfigError(f"{path}: compressed with something other than gzip; supported: .parquet, .jsonl, "
+                          ".json, each optionally .gz")
+    return "jsonl"  # .jsonl / .json / anything else, as before
 
-        return pq.read_table(path).to_pylist()
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                # Kept as a marker so the malformed policy (error/skip) applies to it as well.
-                rows.append(MalformedRowError(f"{path}: line {lineno}: invalid JSON: {e}"))
-    return rows
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def read_rows(path: str | Path, fmt: str = "auto") -> list[dict]:
+    """All rows of a parquet or JSONL file (optionally .gz) as dicts. Undecodable or invalid JSON
+    lines become MalformedRowError markers naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data file {path} does not exist")
+    if fmt == "auto":
+        fmt = _format_of(path)
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            with _open_binary(path) as f:
+                return pq.read_table(io.BytesIO(f.read()) if path.name.lower().endswith(".gz") else path).to_pylist()
+        rows = []
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    rows.append(MalformedRowError(f"{path}: line {lineno}: not UTF-8 ({e.reason} at byte {e.start})"))
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    # Kept as a marker so the malformed policy (error/skip) applies to it as well.
+                    rows.append(MalformedRowError(f"{path}: line {lineno}: invalid JSON: {e}"))
+        return rows
+    except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated / corrupt gzip, unreadable file
+        raise MalformedRowError(f"{path}: cannot read: {str(e)[:200]}") from None
+    except Exception as e:  # pyarrow's errors (ArrowInvalid, ...) are not a common base class
+        if type(e).__module__.startswith("pyarrow"):
+            raise MalformedRowError(f"{path}: not a readable parquet file: {str(e)[:200]}") from None
+        raise
 
 
 def _get(row: Any, dotted: str) -> Any:
@@ -132,13 +178,16 @@ def _answer(row: dict, cfg: PromptDataConfig) -> str:
     if isinstance(ans, list) and ans and all(isinstance(a, str) for a in ans):
         ans = ans[0]  # some MATH exports store a list of acceptable answers; the checker needs one
     if not isinstance(ans, str) or not ans.strip():
-        raise MalformedRowError(f"answer {cfg.answer_key!r} must be a non-empty string, got {ans!r}")
+        raise MalformedRowError(f"answer {cfg.answer_key!r} must be a non-empty string, got {str(ans)[:80]!r}")
     if cfg.answer_regex:
         m = re.search(cfg.answer_regex, ans, flags=re.MULTILINE | re.DOTALL)
         if not m:
-            raise MalformedRowError(f"answer_regex {cfg.answer_regex!r} does not match {ans[:80]!r}")
-        ans = m.group(1)
-    return ans.strip()
+            raise MalformedRowError(f"answer_regex {cfg.answer_regex[:80]!r} does not match {ans[:80]!r}")
+        ans = m.group(1) or ""
+    ans = ans.strip()
+    if not ans or ans.lower() == "nan":  # "nan": a missing value written out by pandas
+        raise MalformedRowError(f"answer {cfg.answer_key!r} is {ans!r}: not a ground truth")
+    return ans
 
 
 def build_dataset(rows: list, tokenizer, cfg: PromptDataConfig, source: str) -> PromptDataset:

@@ -109,16 +109,21 @@ def plan_slurm(config: Optional[str], overrides: Sequence[str], slurm: S.SlurmSp
                ) -> LaunchPlan:
     """Validate the config, then the Slurm task(s): trainer only, or trainer + SGLang servers.
     `check_paths=False` (dry runs) accepts the CHANGE_ME placeholders of the example configs."""
-    cfg = S.validate(config, overrides, serve, slurm.gpus_per_node, check_paths=check_paths)
+    cfg = S.validate(config, overrides, serve, slurm.gpus_per_node, check_paths=check_paths, nodes=slurm.nodes)
     run = _nemo_run()
     env = dict(S.DEFAULT_GPU_ENV)
     env.update(slurm.env_vars)
+    # secrets travel in the environment sbatch runs in (set here for a local submission), never
+    # in the script; the script only checks that they arrived
+    env, secrets = S.split_secrets(env)
+    os.environ.update({k: slurm.env_vars[k] for k in secrets if slurm.env_vars.get(k)})
+    checks = S.secret_check_lines(secrets)
     conf = _remote_path(config, slurm) if config else None
     if serve is None:
         script = run.Script(path=_remote_path(S.TRAIN_SCRIPT, slurm), args=S.trainer_args(conf, overrides),
                             entrypoint="python")
         executor = _slurm_executor(run, slurm, nodes=slurm.nodes, ntasks_per_node=slurm.gpus_per_node,
-                                   launcher="torchrun", env=env)
+                                   launcher="torchrun", env=env, **({"setup_lines": checks} if checks else {}))
         return LaunchPlan(name, [script], [executor], ["train"])
 
     model_path = serve.model_path or cfg.warmstart.init_hf_path
@@ -126,9 +131,11 @@ def plan_slurm(config: Optional[str], overrides: Sequence[str], slurm: S.SlurmSp
     args = ["--timeout", str(serve.health_timeout_s), "--"] + S.trainer_args(conf, train_over)
     train = run.Script(inline=S.torchrun_inline(slurm.nodes, slurm.gpus_per_node,
                                                 _remote_path(S.WAIT_SCRIPT, slurm), args, slurm.rdzv_port))
-    servers = run.Script(inline=S.sglang_server_script(serve, model_path, slurm.gpus_per_node))
+    servers = run.Script(inline=S.sglang_server_script(serve, model_path, slurm.gpus_per_node,
+                                                       deterministic=cfg.rollout.sglang.deterministic))
+    setup = "\n".join(x for x in (checks, S.sglang_setup_lines(serve)) if x)
     train_ex = _slurm_executor(run, slurm, nodes=slurm.nodes, ntasks_per_node=1, launcher=None, env=env,
-                               heterogeneous=True, setup_lines=S.sglang_setup_lines(serve))
+                               heterogeneous=True, setup_lines=setup)
     serve_ex = _slurm_executor(run, slurm, nodes=serve.nodes, ntasks_per_node=serve.servers_per_node,
                                launcher=None, env=env)
     if serve.container_image:

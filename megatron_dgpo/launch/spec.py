@@ -21,7 +21,11 @@ WAIT_SCRIPT = "megatron_dgpo/launch/wait_then_train.py"
 # Environment variables the disaggregated job exports for its steps (set in the sbatch script).
 ENV_SERVER_URLS = "DGPO_SGLANG_URLS"  # comma-separated http://host:port of every SGLang server
 ENV_ROUTER_URL = "DGPO_SGLANG_ROUTER"  # http://host:port of sglang-router (when started)
-ENV_TRAIN_MASTER = "DGPO_TRAIN_MASTER"  # first trainer node: torchrun rendezvous + weight-sync NCCL master
+ENV_TRAIN_MASTER = "DGPO_TRAIN_MASTER"  # first trainer node: the torchrun rendezvous endpoint
+# Per-job key the SGLang servers and router require (--api-key) and our client sends; generated on
+# the allocation by the batch script, so it is never written to a file or a log.
+ENV_SGLANG_API_KEY = "DGPO_SGLANG_API_KEY"
+SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 
 # Defaults for multi-node NCCL over InfiniBand; every value can be overridden with --env KEY=VALUE.
 # NCCL_SOCKET_IFNAME / NCCL_IB_HCA are cluster specific and deliberately not guessed here.
@@ -97,6 +101,33 @@ class SGLangServeSpec:
         return self.num_servers > 1 if self.router is None else bool(self.router)
 
 
+def is_secret(name: str) -> bool:
+    return any(m in name.upper() for m in SECRET_MARKERS)
+
+
+def split_secrets(env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(what may be written into the batch script, names of secret-looking variables). Secrets
+    reach the job through the environment sbatch runs in (Slurm exports it by default), never
+    in clear text in the script or a dry run."""
+    plain = {k: v for k, v in env.items() if not is_secret(k)}
+    return plain, sorted(k for k in env if is_secret(k))
+
+
+def secret_check_lines(names: Sequence[str]) -> str:
+    """Batch-script lines that stop the job at once, naming the variable, when a secret did not
+    arrive through the environment (e.g. a submission over SSH whose shell lacks it)."""
+    return "\n".join(f': "${{{n}:?{n} must be set in the environment sbatch runs in (not written to this script)}}"'
+                     for n in names)
+
+
+def mask_secrets(text: str, env: dict[str, str]) -> str:
+    """`text` with the value of every secret-looking variable of `env` replaced by ***."""
+    for k, v in env.items():
+        if is_secret(k) and v:
+            text = text.replace(v, "***")
+    return text
+
+
 def load_train_config(config: Optional[str], overrides: Sequence[str] = ()) -> TrainConfig:
     """The same typed config train_dgpo.py builds; raises ConfigError before anything is submitted."""
     return load_config(TrainConfig, config, list(overrides))
@@ -128,15 +159,20 @@ def unset_placeholders(cfg: TrainConfig, extra: Sequence[Optional[str]] = ()) ->
 
 
 def validate(config: Optional[str], overrides: Sequence[str], serve: Optional[SGLangServeSpec] = None,
-             gpus_per_node: int = 8, check_paths: bool = False) -> TrainConfig:
+             gpus_per_node: int = 8, check_paths: bool = False, nodes: Optional[int] = None) -> TrainConfig:
     """Load the config as the trainer will see it (with placeholder server URLs when disaggregated)
     and check what the launch itself depends on. `check_paths`: also refuse the CHANGE_ME
-    placeholders of the example configs (for a real submission; a dry run may keep them)."""
+    placeholders of the example configs (for a real submission; a dry run may keep them).
+    `nodes`: the trainer's node count; the parallel layout must then fit nodes x gpus_per_node."""
     overrides = list(overrides)
     if serve is not None:
         overrides = overrides + disagg_overrides(serve, gpus_per_node) + [
             "rollout.sglang.server_urls=[" + ",".join(placeholder_urls(serve)) + "]"]
     cfg = load_train_config(config, overrides)
+    if nodes is not None:
+        from megatron_dgpo.launch.layout_check import check_layout
+
+        check_layout(cfg, nodes, gpus_per_node)
     ro = cfg.rollout
     if serve is not None:
         if not (serve.model_path or cfg.warmstart.init_hf_path):
@@ -162,6 +198,8 @@ def sglang_setup_lines(serve: SGLangServeSpec, server_group: int = 1, train_grou
     the trainer's first node for the job's steps."""
     ports = " ".join(str(serve.port + i) for i in range(serve.servers_per_node))
     lines = [
+        "# the servers' per-job API key: made here, inherited by every step, never written down",
+        f'export {ENV_SGLANG_API_KEY}="$(python3 -c "import secrets; print(secrets.token_urlsafe(32))")"',
         "# disaggregated SGLang rollouts: where the servers and the trainer's first node are",
         f'dgpo_sglang_hosts=( $(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_{server_group}") )',
         "dgpo_urls=''",
@@ -177,19 +215,38 @@ def sglang_setup_lines(serve: SGLangServeSpec, server_group: int = 1, train_grou
     return "\n".join(lines)
 
 
-def sglang_server_script(serve: SGLangServeSpec, model_path: str, gpus_per_node: int) -> str:
+def sglang_server_args(serve: SGLangServeSpec, model_path: str, gpus_per_node: int, port: str = "$port",
+                       deterministic: bool = False) -> list[str]:
+    """`python -m sglang.launch_server` arguments (shell words; $-variables expand in the task).
+    The servers listen on every interface (the trainer is on other nodes) and require the job's
+    API key for every endpoint but /health; with rollout.sglang.deterministic they honour the
+    per-sample seeds the client sends."""
+    args = ["--model-path", shlex.quote(model_path), "--host", "0.0.0.0", "--port", f'"{port}"',
+            "--tp-size", str(serve.tp_size(gpus_per_node)), "--api-key", f'"${ENV_SGLANG_API_KEY}"']
+    if deterministic:
+        args.append("--enable-deterministic-inference")
+    return args + [shlex.quote(a) for a in serve.extra_args]
+
+
+def router_args(serve: SGLangServeSpec) -> list[str]:
+    """`python -m sglang_router.launch_router` arguments; the router authenticates to the servers
+    with the job's key."""
+    return ["--host", "0.0.0.0", "--port", str(serve.router_port), "--api-key", f'"${ENV_SGLANG_API_KEY}"',
+            "--worker-urls", f'$(echo "${ENV_SERVER_URLS}" | tr \',\' \' \')']
+
+
+def sglang_server_script(serve: SGLangServeSpec, model_path: str, gpus_per_node: int,
+                         deterministic: bool = False) -> str:
     """Bash run by every task of the server group (servers_per_node tasks per node): one
     `sglang.launch_server` on its slice of the node's GPUs; task 0 also runs sglang-router."""
     tp = serve.tp_size(gpus_per_node)
-    extra = " ".join(shlex.quote(a) for a in serve.extra_args)
     router = ""
     if serve.use_router():
         router = f"""
 if [ "${{SLURM_PROCID:-0}}" = "0" ]; then
   # one entry point for evaluation / external clients; the trainer talks to each server directly
   # (weight updates must reach every server, which a router does not fan out)
-  "${{DGPO_SGLANG_PYTHON:-python}}" -m sglang_router.launch_router --host 0.0.0.0 --port {serve.router_port} \\
-    --worker-urls $(echo "${ENV_SERVER_URLS}" | tr ',' ' ') &
+  "${{DGPO_SGLANG_PYTHON:-python}}" -m sglang_router.launch_router {" ".join(router_args(serve))} &
 fi"""
     return f"""set -euo pipefail
 local_id=${{SLURM_LOCALID:-0}}
@@ -197,8 +254,8 @@ first_gpu=$(( local_id * {tp} ))
 export CUDA_VISIBLE_DEVICES=$(seq -s, $first_gpu $(( first_gpu + {tp} - 1 )))
 port=$(( {serve.port} + local_id ))
 echo "sglang server on $(hostname):$port GPUs $CUDA_VISIBLE_DEVICES"{router}
-exec "${{DGPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server --model-path {shlex.quote(model_path)} --host 0.0.0.0 --port "$port" \\
-  --tp-size {tp} {extra}
+exec "${{DGPO_SGLANG_PYTHON:-python}}" -m sglang.launch_server \\
+  {" ".join(sglang_server_args(serve, model_path, gpus_per_node, deterministic=deterministic))}
 """
 
 

@@ -3,11 +3,12 @@
 
     torchrun ... megatron_dgpo/launch/wait_then_train.py [--timeout S] -- --config X.yaml key=value ...
 
-Reads the server URLs (DGPO_SGLANG_URLS, comma separated) and the trainer's first node
-(DGPO_TRAIN_MASTER) that the sbatch script exported, polls every server's /health until it
-answers 200 (or the timeout passes: exit 2), appends
-`rollout.sglang.server_urls=[...] rollout.sglang.nccl_master_address=...` to the arguments and
-runs examples/train_dgpo.py in this process (same torchrun rank).
+Reads the server URLs (DGPO_SGLANG_URLS, comma separated) that the sbatch script exported,
+polls every server's /health until it answers 200 (or the timeout passes: exit 2), appends
+`rollout.sglang.server_urls=[...]` to the arguments and runs examples/train_dgpo.py in this
+process (same torchrun rank). The weight-broadcast rendezvous address is NOT taken from the
+job's first node: torchrun's c10d rendezvous may make any node global rank 0, so rank 0 uses its
+own host name (megatron_dgpo.rollout.sglang_engine.trainer_host_address).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import urllib.request
 from pathlib import Path
 
 ENV_SERVER_URLS = "DGPO_SGLANG_URLS"
-ENV_TRAIN_MASTER = "DGPO_TRAIN_MASTER"
 TRAIN = Path(__file__).resolve().parents[2] / "examples" / "train_dgpo.py"
 
 
@@ -54,8 +54,6 @@ def extra_overrides(env=os.environ) -> list[str]:
     out = []
     if urls:
         out.append("rollout.sglang.server_urls=[" + ",".join(urls) + "]")
-    if env.get(ENV_TRAIN_MASTER):
-        out.append(f"rollout.sglang.nccl_master_address={env[ENV_TRAIN_MASTER]}")
     return out
 
 

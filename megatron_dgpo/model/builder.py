@@ -9,6 +9,7 @@ their logits).
 
 `transformer_impl="local"` uses Megatron's local spec with `compat.TorchNorm` norms (Apex-free,
 sequence-parallel capable); `"transformer_engine"` uses the TE spec (needed for FP8).
+`attention_backend="sdpa"` swaps the local spec's core attention for `model.attention.SDPAttention`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,22 @@ __all__ = ["transformer_config", "layer_spec", "build_gpt_model", "build_model_c
            "unwrap_model", "TRANSFORMER_IMPLS"]
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+# Core attention: Megatron's unfused local DotProductAttention, the project's SDPA module
+# (model/attention.py, local spec), or Transformer Engine's (TE spec).
+ATTENTION_BACKENDS = ("local", "sdpa", "te")
+
+
+def resolve_attention_backend(transformer_impl: str, attention_backend: Optional[str]) -> str:
+    """`None`/"auto": te with the TE spec, local otherwise; checks the pair is consistent."""
+    if attention_backend in (None, "auto"):
+        return "te" if transformer_impl == "transformer_engine" else "local"
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={attention_backend!r}: expected one of {ATTENTION_BACKENDS} or 'auto'")
+    if (attention_backend == "te") != (transformer_impl == "transformer_engine"):
+        raise ValueError(f"attention_backend={attention_backend!r} needs transformer_impl="
+                         f"{'transformer_engine' if attention_backend == 'te' else 'local'!r}, "
+                         f"got {transformer_impl!r}")
+    return attention_backend
 
 
 def _ps():
@@ -105,12 +122,14 @@ def transformer_config(model_cfg: ModelConfig, *, params_dtype: torch.dtype = to
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(config, transformer_impl: str = "local", vp_stage: Optional[int] = None):
-    """The transformer-layer (or block) spec for `transformer_impl`."""
+def layer_spec(config, transformer_impl: str = "local", vp_stage: Optional[int] = None,
+               attention_backend: Optional[str] = None):
+    """The transformer-layer (or block) spec for `transformer_impl` and `attention_backend`."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"transformer_impl={transformer_impl!r}: expected one of {TRANSFORMER_IMPLS}")
+    backend = resolve_attention_backend(transformer_impl, attention_backend)
     if transformer_impl == "transformer_engine":
         if importlib.util.find_spec("transformer_engine") is None:
             raise ImportError(
@@ -127,6 +146,12 @@ def layer_spec(config, transformer_impl: str = "local", vp_stage: Optional[int] 
     spec = copy.copy(spec)
     spec.submodules = dataclasses.replace(
         spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm)
+    if backend == "sdpa":
+        from megatron_dgpo.model.attention import SDPAttention
+
+        attn = copy.copy(spec.submodules.self_attention)
+        attn.submodules = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
+        spec.submodules = dataclasses.replace(spec.submodules, self_attention=attn)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=TorchNorm)
 
@@ -134,7 +159,8 @@ def layer_spec(config, transformer_impl: str = "local", vp_stage: Optional[int] 
 def build_gpt_model(model_cfg: ModelConfig, *, pre_process: Optional[bool] = None,
                     post_process: Optional[bool] = None, transformer_impl: str = "local", fp8=None,
                     params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                    vp_stage: Optional[int] = None, config=None, move_to_device: bool = True):
+                    vp_stage: Optional[int] = None, config=None, move_to_device: bool = True,
+                    attention_backend: Optional[str] = None):
     """One GPTModel (chunk) for the current pipeline stage.
 
     pre_process / post_process default from the pipeline (and virtual pipeline) stage.
@@ -161,7 +187,8 @@ def build_gpt_model(model_cfg: ModelConfig, *, pre_process: Optional[bool] = Non
     extra = {"vp_stage": vp_stage} if vp_stage is not None else {}
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, transformer_impl, vp_stage=vp_stage),
+        transformer_layer_spec=layer_spec(config, transformer_impl, vp_stage=vp_stage,
+                                          attention_backend=attention_backend),
         vocab_size=model_cfg.padded_vocab_size(tp),
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -196,8 +223,8 @@ def _is_last_stage(vp_stage):
 
 def build_model_chunks(model_cfg: ModelConfig, *, transformer_impl: str = "local", fp8=None,
                        params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                       wrap_ddp: bool = False, ddp_config=None, overrides: Optional[dict] = None
-                       ) -> List[torch.nn.Module]:
+                       wrap_ddp: bool = False, ddp_config=None, overrides: Optional[dict] = None,
+                       attention_backend: Optional[str] = None) -> List[torch.nn.Module]:
     """The list of model chunks of this pipeline rank (one per virtual stage), on the device.
 
     With `wrap_ddp=True` each chunk is wrapped in megatron.core.distributed.DistributedDataParallel
@@ -211,7 +238,8 @@ def build_model_chunks(model_cfg: ModelConfig, *, transformer_impl: str = "local
     stages = [None] if not vpp or vpp == 1 else list(range(vpp))
     chunks = [build_gpt_model(model_cfg, transformer_impl=transformer_impl, fp8=fp8,
                               params_dtype=params_dtype, sequence_parallel=sequence_parallel,
-                              vp_stage=s, config=config) for s in stages]
+                              vp_stage=s, config=config, attention_backend=attention_backend)
+              for s in stages]
     for chunk in chunks:
         # Megatron-LM sets this on every param; DDP / optimizer / checkpoint code reads it.
         from megatron.core import tensor_parallel

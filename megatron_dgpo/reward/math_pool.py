@@ -4,8 +4,12 @@ Why not multiprocessing.Pool or math-verify's own timeouts: math-verify times ou
 signal.alarm, which cannot interrupt sympy while it sits in C code (e.g. `\\boxed{9^{9^{9^{9}}}}`
 builds a gigantic integer), and a Pool cannot kill one stuck task. Here every answer gets a hard
 wall-clock limit; a worker past it is SIGKILLed and replaced, the answer scores 0 and a timeout
-is counted. A worker that dies (segfault, OOM kill) scores 0 and counts a crash. The training run
-never waits longer than about `timeout_s` per answer and never dies because of a checker.
+is counted. A worker that dies (segfault, OOM kill) is replaced, wherever it dies: while idle
+(the send to it fails: the answer goes back to the queue), while checking an answer (the answer
+is retried once on a fresh worker, then scores 0 and counts a crash) or while starting up
+(respawned; only `MAX_STARTUP_FAILURES` deaths in a row of one slot, a broken environment, raise).
+The training run never waits longer than about `timeout_s` per answer (twice for a retried crash)
+and never dies because of a checker.
 
 Workers are started with `spawn` (no inherited CUDA / torch state); scripts that use this must
 guard their entry point with `if __name__ == "__main__":`.
@@ -22,6 +26,7 @@ from multiprocessing.connection import wait
 log = logging.getLogger(__name__)
 
 _READY = "ready"
+MAX_STARTUP_FAILURES = 3  # consecutive start-up deaths of one worker slot before giving up
 
 
 def check_answer(response: str, ground_truth: str) -> bool:
@@ -56,8 +61,10 @@ def _worker_main(conn, debug_hooks: bool) -> None:
             return
         idx, response, gt = msg
         if debug_hooks:
-            if response.startswith("__SLEEP__:"):
-                time.sleep(float(response.split(":", 1)[1]))
+            if response.startswith("__SLEEP__:"):  # "__SLEEP__:<s>" or "__SLEEP__:<s>:<response>"
+                _, secs, *rest = response.split(":", 2)
+                time.sleep(float(secs))
+                response = rest[0] if rest else response
             elif response == "__CRASH__":
                 os._exit(13)
         try:
@@ -110,11 +117,14 @@ class MathVerifyReward:
         self._debug = debug_hooks  # tests only: "__SLEEP__:<s>" and "__CRASH__" responses
         self._workers = [_Worker(self._ctx, debug_hooks) for _ in range(num_workers)]
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
-        self.totals = {"timeouts": 0, "crashes": 0, "errors": 0, "scored": 0}
+        self.totals = {"timeouts": 0, "crashes": 0, "errors": 0, "respawns": 0, "retries": 0, "scored": 0}
+        self._startup_failures = [0] * num_workers  # per slot, consecutive
 
-    def _replace(self, w: _Worker) -> None:
+    def _replace(self, w: _Worker) -> _Worker:
         w.stop(kill=True)
-        self._workers[self._workers.index(w)] = _Worker(self._ctx, self._debug)
+        slot = self._workers.index(w)
+        self._workers[slot] = new = _Worker(self._ctx, self._debug)
+        return new
 
     def score(self, responses: list[str], ground_truths: list[str]) -> tuple[list[float], dict]:
         if len(responses) != len(ground_truths):
@@ -124,35 +134,65 @@ class MathVerifyReward:
         t0 = time.monotonic()
         n = len(responses)
         rewards = [0.0] * n
-        counts = {"timeouts": 0, "crashes": 0, "errors": 0}
+        counts = {"timeouts": 0, "crashes": 0, "errors": 0, "respawns": 0, "retries": 0}
+        tried = [0] * n  # attempts that ended in a worker death
         todo = list(range(n - 1, -1, -1))  # pop() from the end keeps submission order
         done = 0
+
+        def respawn(w: _Worker, why: str) -> None:
+            counts["respawns"] += 1
+            log.warning("math-verify worker %s (exit code %s); respawned", why, w.proc.exitcode)
+            self._replace(w)
+
+        for w in list(self._workers):  # a task left by an interrupted call: its worker is unusable
+            if w.task is not None:
+                respawn(w, "left busy by an earlier call")
         while done < n:
             now = time.monotonic()
-            for w in self._workers:
+            for w in list(self._workers):
                 if w.ready and w.task is None and todo:
                     i = todo.pop()
-                    w.task, w.deadline = i, now + self.timeout_s
-                    w.conn.send((i, responses[i], ground_truths[i]))
+                    try:
+                        w.conn.send((i, responses[i], ground_truths[i]))
+                    except (OSError, ValueError):  # died while idle (BrokenPipeError, reset, closed)
+                        todo.append(i)  # never started: not an attempt
+                        respawn(w, "died while idle")
+                        continue
+                    w.task, w.deadline = i, now + self.timeout_s  # only once it was sent
             waits = [w.deadline - now for w in self._workers if w.task is not None]
             waits += [w.started + self.startup_timeout_s - now for w in self._workers if not w.ready]
             timeout = max(0.0, min(waits)) if waits else None
             for conn in wait([w.conn for w in self._workers], timeout=timeout):
-                w = next(x for x in self._workers if x.conn is conn)
+                w = next((x for x in self._workers if x.conn is conn), None)
+                if w is None:
+                    continue
                 try:
                     msg = conn.recv()
                 except (EOFError, OSError):
+                    slot = self._workers.index(w)
                     if not w.ready:
-                        raise RuntimeError(f"math-verify worker died on start-up (exit code {w.proc.exitcode})")
-                    if w.task is not None:
-                        counts["crashes"] += 1
-                        log.warning("math-verify worker died (exit code %s) on answer %d; reward 0",
-                                    w.proc.exitcode, w.task)
-                        done += 1
-                    self._replace(w)
+                        self._startup_failures[slot] += 1
+                        if self._startup_failures[slot] >= MAX_STARTUP_FAILURES:
+                            raise RuntimeError(f"math-verify worker died on start-up {MAX_STARTUP_FAILURES} times "
+                                               f"in a row (last exit code {w.proc.exitcode}): check math-verify "
+                                               "and the memory limit") from None
+                        respawn(w, "died on start-up")
+                        continue
+                    i = w.task
+                    respawn(w, "died" if i is None else f"died on answer {i}")
+                    if i is not None:
+                        tried[i] += 1
+                        if tried[i] < 2:
+                            counts["retries"] += 1
+                            todo.append(i)  # next in line, on a fresh worker
+                        else:
+                            counts["crashes"] += 1
+                            log.warning("math-verify died twice on answer %d; reward 0", i)
+                            done += 1
                     continue
                 if msg == _READY:
                     w.ready = True
+                    self._startup_failures[self._workers.index(w)] = 0
                     continue
                 i, reward, err = msg
                 rewards[i] = reward

@@ -33,20 +33,23 @@ class EngineMemory:
 
     def __init__(self, cfg, engine):
         ro = cfg.rollout
-        colocated = (ro.engine == "sglang" and ro.sglang.mode == "colocated") or \
-            (ro.engine == "embedded" and torch.cuda.is_available())
+        sglang = ro.engine == "sglang" and ro.sglang.mode == "colocated"
+        colocated = sglang or (ro.engine == "embedded" and torch.cuda.is_available())
         self.engine = engine if colocated else None
+        # SGLang also frees its CUDA-graph pool (memory tag "cuda_graph", resumed with the KV cache)
+        self.tags = {"weights", "kv_cache", "cuda_graph"} if sglang else {"weights", "kv_cache"}
         self.released: set[str] = set()
 
     def release(self) -> None:
         if self.engine is not None and not self.released:
-            self.released = {"weights", "kv_cache"}
+            self.released = set(self.tags)
             self.engine.release_memory(sorted(self.released))
 
     def resume(self, tag: str) -> None:
-        if tag in self.released:
-            self.engine.resume_memory([tag])
-            self.released.discard(tag)
+        tags = [t for t in ([tag, "cuda_graph"] if tag == "kv_cache" else [tag]) if t in self.released]
+        if tags:
+            self.engine.resume_memory(tags)
+            self.released.difference_update(tags)
 
 
 def sync_weights(policy, engine, version: int, distributed: bool, memory: EngineMemory | None = None) -> None:
@@ -56,10 +59,10 @@ def sync_weights(policy, engine, version: int, distributed: bool, memory: Engine
     if memory is not None:
         memory.resume("weights")
     if distributed:
-        engine.update_weights(policy.stream_weights(receivers=None), version=version)
+        engine.update_weights(policy.stream_weights(receivers=None, version=version), version=version)
     else:
         rank = dist.get_rank() if dist.is_initialized() else 0
-        stream = policy.stream_weights(receivers=[0])
+        stream = policy.stream_weights(receivers=[0], version=version)
         if rank == 0:
             engine.update_weights(stream, version=version)
         else:

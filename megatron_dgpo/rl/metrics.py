@@ -11,6 +11,42 @@ from typing import Optional
 REQUIRED = ("step", "reward_mean", "accuracy", "entropy", "ln_frac", "hp_frac", "w_ln_mean", "w_hp_mean",
             "approx_kl", "grad_norm", "train_rollout_logp_gap", "tokens_per_s")
 
+# Every key of a train row ("kind": "train"), present on every row. `step` is an integer (1-based,
+# the RL steps done). A step skipped because no group had reward variance (row "skipped") runs no
+# update: the update's metrics are NaN there (written as `NaN`, which Python's json reads), and
+# the times of the stages it did not run are 0.0. NaN also marks a value that is undefined on an
+# updated step (e.g. `train_rollout_logp_gap` with `algo.old_logp_source: rollout`).
+TRAIN_KEYS = {
+    "step": "RL step, integer",
+    "reward_mean": "mean reward of the rollouts", "accuracy": "fraction of rollouts with reward > 0.5",
+    "response_len": "mean response tokens per rollout",
+    "loss": "policy loss (token-weighted over the step's updates)", "entropy": "mean token entropy",
+    "ln_frac": "fraction of LN tokens", "hp_frac": "fraction of HP tokens",
+    "w_ln_mean": "mean W_logp on LN tokens", "w_hp_mean": "mean W_logp on HP tokens",
+    "approx_kl": "approximate KL(old || new)", "grad_norm": "gradient norm (token-weighted mean over updates)",
+    "train_rollout_logp_gap": "mean |log pi_train - log pi_rollout| on response tokens",
+    "tokens": "non-pad tokens trained on (all updates)",
+    "computed_tokens": "tokens the model computed in the updates, padding included",
+    "num_microbatches": "micro-batches of the last update on this rank",
+    "rollout_s": "generation (and gather) time", "reward_s": "reward time",
+    "old_logp_s": "old log-prob forward time (0 when not recomputed)", "update_s": "policy update time",
+    "sync_s": "weight sync to the rollout engine", "step_s": "the whole RL step",
+    "rollout_tokens": "prompt + response tokens of every rollout sample of the step",
+    "tokens_per_s": "rollout_tokens / step_s: throughput of the whole RL step",
+    "update_tokens_per_s": "tokens / update_s: throughput of the policy update alone",
+}
+# Eval rows ("kind": "eval"): eval_* metrics of rl.evaluate, and eval_s (its wall time).
+STAGE_TIMES = ("rollout_s", "reward_s", "old_logp_s", "update_s", "sync_s")
+
+
+def complete_row(row: dict) -> dict:
+    """Every TRAIN_KEYS key present: stage times default to 0.0, other metrics to NaN."""
+    out = dict(row)
+    for key in TRAIN_KEYS:
+        if key not in out:
+            out[key] = 0.0 if key in STAGE_TIMES else float("nan")
+    return out
+
 
 class MetricsLogger:
     def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True, resume: bool = False):
@@ -34,6 +70,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in row.items()}
+        if "step" in row:
+            clean["step"] = int(row["step"])
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
         if self._tb is not None:

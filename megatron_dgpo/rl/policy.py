@@ -9,6 +9,7 @@ import torch
 
 from megatron_dgpo.config import TrainConfig
 from megatron_dgpo.model.builder import build_model_chunks
+from megatron_dgpo.rl.guard import require_finite_weights
 from megatron_dgpo.train import RolloutBatch, build_optimizer, forward_logprobs, train_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -31,7 +32,7 @@ class Policy:
         self.chunks = build_model_chunks(
             cfg.model, transformer_impl=par.transformer_impl, fp8=_fp8(cfg),
             params_dtype=DTYPES[par.params_dtype], sequence_parallel=par.sequence_parallel,
-            wrap_ddp=True, ddp_config=ddp)
+            wrap_ddp=True, ddp_config=ddp, attention_backend=par.attention_backend)
         o = cfg.optim
         self.optimizer = build_optimizer(
             self.chunks, lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
@@ -46,14 +47,35 @@ class Policy:
         from megatron.core import parallel_state as ps
 
         dp = ps.get_data_parallel_world_size()
-        local = batch.dp_shard() if dp > 1 else batch
+        rows = self._dp_rows(batch)
+        local = batch.select(rows[ps.get_data_parallel_rank()]) if dp > 1 else batch
         logp, _ = forward_logprobs(self.chunks, local, micro_batch_size=self.micro_batch(local),
-                                   temperature=temperature, **self._lm_head())
+                                   temperature=temperature, **self._layout(), **self._lm_head())
         if dp > 1:
             parts = [torch.empty_like(logp) for _ in range(dp)]
             torch.distributed.all_gather(parts, logp.contiguous(), group=ps.get_data_parallel_group())
-            logp = torch.cat(parts, 0)
+            full = logp.new_empty((batch.batch_size,) + tuple(logp.shape[1:]))
+            full[torch.cat(rows).to(full.device)] = torch.cat(parts, 0)  # back to the batch's order
+            logp = full
         return logp.cpu()
+
+    def _layout(self) -> dict:
+        a = self.cfg.algo
+        return dict(max_tokens_per_micro_batch=a.max_tokens_per_micro_batch, pack_sequences=a.pack_sequences)
+
+    def _dp_rows(self, batch: RolloutBatch) -> List[torch.Tensor]:
+        """Each DP rank's rows: contiguous shares, or with token-budget micro-batches shares of
+        equal count and near-equal tokens (train.microbatch.dp_partition)."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_dgpo.train.microbatch import dp_partition
+
+        dp = ps.get_data_parallel_world_size()
+        if batch.batch_size % dp:
+            raise ValueError(f"batch size {batch.batch_size} is not divisible by the data-parallel size {dp}")
+        if self.cfg.algo.max_tokens_per_micro_batch > 0:
+            return [torch.tensor(r, dtype=torch.long) for r in dp_partition(batch.lengths.tolist(), dp)]
+        return list(torch.arange(batch.batch_size).chunk(dp))
 
     def update(self, batch: RolloutBatch, *, temperature: float, lr: Optional[float] = None,
                loss_cfg=None) -> List[Dict[str, float]]:
@@ -72,11 +94,15 @@ class Policy:
             if mini.batch_size % dp:
                 raise ValueError(f"mini-batch of {mini.batch_size} sequences does not split over "
                                  f"data-parallel size {dp}: make prompts_per_step * group_size / mini_batches a multiple")
-            local = mini.dp_shard()
+            local = mini.select(self._dp_rows(mini)[ps.get_data_parallel_rank()])
             metrics = train_step(self.chunks, self.optimizer, local, loss_cfg or self.cfg.loss,
                                  micro_batch_size=self.micro_batch(local), temperature=temperature, lr=lr,
-                                 **self._lm_head())
+                                 **self._layout(), **self._lm_head())
             out.append(metrics)
+            # Decided per optimizer step: a step with finite gradients may still overflow the
+            # weights (absurd lr); the next mini-batch, the sync and the save must not see them.
+            require_finite_weights(self.chunks, f"after optimizer step {len(out)} (lr={metrics['lr']:g}, "
+                                                f"grad_norm={metrics['grad_norm']:g})")
         return out
 
     def _lm_head(self) -> dict:
@@ -91,15 +117,16 @@ class Policy:
         return m
 
     # ---- weights -------------------------------------------------------------------------------
-    def stream_weights(self, receivers=None, dtype=None):
-        """(hf_name, tensor) pairs of the current weights, on the receiving ranks (collective)."""
+    def stream_weights(self, receivers=None, dtype=None, version: int = 0):
+        """(hf_name, tensor) pairs of the current weights, on the receiving ranks (collective).
+        `version` enters every bucket's checksum (a stale bucket is never accepted)."""
         from megatron_dgpo.weight_sync import WeightStreamer
 
         if self._streamer is None:
             bucket = self.cfg.rollout.weight_sync_bucket_mb << 20
             self._streamer = WeightStreamer(self.chunks, self.cfg.model, receivers=receivers,
                                             bucket_bytes=bucket, dtype=dtype)
-        return self._streamer.iter_named_tensors()
+        return self._streamer.iter_named_tensors(version=version)
 
     def load_hf(self, path: str) -> None:
         from megatron_dgpo.weight_sync import load_hf_into_megatron

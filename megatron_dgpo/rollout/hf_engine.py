@@ -154,7 +154,17 @@ class HFRolloutEngine(RolloutEngine):
                 nxt = logits.argmax(dim=-1)
             else:
                 probs = torch.softmax(filter_logits(logits, sp.top_k, sp.top_p), dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                try:
+                    nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                except RuntimeError as e:  # torch's check of the probabilities: say what it means
+                    if "probability tensor" not in str(e):
+                        raise
+                    from megatron_dgpo.rl.guard import NonFiniteWeightsError
+
+                    raise NonFiniteWeightsError(
+                        f"rollout engine: non-finite logits with the weights of version {self._version} (finite "
+                        "but overflowing weights, e.g. from a too large optim.lr): resume from a checkpoint "
+                        "written before that version with a lower optim.lr") from None
             nxt = torch.where(done, torch.full_like(nxt, self.pad_token_id), nxt)
             tokens.append(nxt)
             lps.append(logp.gather(-1, nxt[:, None]).squeeze(-1))

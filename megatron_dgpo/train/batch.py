@@ -4,12 +4,11 @@ Layout: every per-token field is `[B, S]` and aligned with `tokens`: `field[:, t
 t, i.e. `logp[:, t] = log pi(tokens[:, t] | tokens[:, :t])`. Position 0 is never a response token
 (`loss_mask[:, 0]` must be False). `advantages` may be `[B]` (one per sequence, GRPO) or `[B, S]`.
 
-Padding, not packing: sequences (prompt + response) are right-padded to one common length,
-rounded up to `pad_to_multiple` (TP size with sequence parallelism, 16/32 with FP8). With causal
-attention, right padding never changes the outputs at real positions, so no attention mask and
-no position-id shift is needed, and the local (non-TE) attention works. Packing several
-sequences into one row (THD layout with `cu_seqlens`) saves the padded compute but needs
-Transformer Engine / flash attention with `PackedSeqParams`; not implemented here.
+Padding: sequences (prompt + response) are right-padded to one common length, rounded up to
+`pad_to_multiple` (TP size with sequence parallelism, 16/32 with FP8). With causal attention,
+right padding never changes the outputs at real positions, so no attention mask and no
+position-id shift is needed. The train step cuts this batch into micro-batches padded only to
+their own longest row, or packed into THD rows (`megatron_dgpo.train.microbatch`).
 """
 from __future__ import annotations
 
@@ -102,6 +101,15 @@ class RolloutBatch:
         return RolloutBatch(tokens=pad(self.tokens, pad_token_id), loss_mask=pad(self.loss_mask, False),
                             advantages=pad(self.advantages, 0.0), old_logp=pad(self.old_logp, 0.0),
                             rollout_logp=pad(self.rollout_logp, 0.0), lengths=self.lengths)
+
+    def columns(self, length: int) -> "RolloutBatch":
+        """The first `length` positions of every row (dropping right padding)."""
+        kw = {}
+        for name in self._tensor_fields():
+            t = getattr(self, name)
+            kw[name] = t[:, :length] if t is not None and t.dim() == 2 else t
+        kw["lengths"] = self.lengths.clamp(max=length)
+        return RolloutBatch(**kw)
 
     def micro_batches(self, micro_batch_size: int) -> List["RolloutBatch"]:
         if micro_batch_size <= 0 or self.batch_size % micro_batch_size:

@@ -30,8 +30,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_dgpo.train import microbatch
 from megatron_dgpo.train.batch import RolloutBatch, shift_left
 from megatron_dgpo.train.lm_head import LMHead, fuse_next_forward, logprobs_from_output
+from megatron_dgpo.train.microbatch import MicroBatch
 
 __all__ = ["train_step", "forward_logprobs", "prepare_model_config"]
 
@@ -78,18 +80,28 @@ def _vocab_size_of(model_chunks) -> Optional[int]:
 
 
 def _forward_step_func(loss_builder, head: Optional[LMHead] = None):
+    """Megatron forward step: one MicroBatch in, the model's output out (vocab-parallel logits, or
+    with a fused head [B, S, 1 or 2] log-prob/entropy), and `loss_builder(idx, micro_batch, out)`."""
     dev = _device()
 
     def forward_step(data_iterator, model):
         idx, mb = next(data_iterator)
-        tokens = mb.tokens.to(dev, non_blocking=True)
-        b, s = tokens.shape
-        pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, -1)
-        fuse_next_forward(model, shift_left(tokens), head)  # no-op unless head.fused (last stage)
-        out = model(input_ids=tokens, position_ids=pos, attention_mask=None)
-        return out, functools.partial(loss_builder, idx, mb, tokens)
+        fuse_next_forward(model, shift_left(mb.input_ids.to(dev)), head)  # no-op unless fused (last stage)
+        out = model(**mb.model_inputs(dev))
+        return out, functools.partial(loss_builder, idx, mb)
 
     return forward_step
+
+
+def _row_logprobs(mb: MicroBatch, out: torch.Tensor, head: LMHead, logits_hook=None):
+    """Prediction-aligned log-probs (and entropies) `[n, L]` of the micro-batch's rows from the
+    model's output for it (padded `[n, L, ...]` or packed `[1, T, ...]`)."""
+    tokens = mb.input_ids.to(out.device)
+    logp, ent = logprobs_from_output(out, shift_left(tokens), head, logits_hook)
+    if mb.packing is not None:
+        logp = mb.packing.unpack(logp)
+        ent = None if ent is None else mb.packing.unpack(ent)
+    return logp, ent
 
 
 def _schedule(model_chunks, micro_batches, forward_step, forward_only, config):
@@ -97,8 +109,17 @@ def _schedule(model_chunks, micro_batches, forward_step, forward_only, config):
 
     if _ps().get_context_parallel_world_size() != 1:
         raise NotImplementedError("context parallelism is not supported by train_step")
-    seq_length = micro_batches[0].seq_length
-    mbs = micro_batches[0].batch_size
+    shapes = {tuple(mb.input_ids.shape) for mb in micro_batches}
+    # Token-budget and packed micro-batches differ in shape: pipeline stages then exchange
+    # shapes before activations (Megatron's variable_seq_lengths).
+    config.variable_seq_lengths = len(shapes) > 1
+    if config.variable_seq_lengths and len(model_chunks) > 1:
+        # Measured on CPU/gloo with megatron-core 0.16.1: the interleaved schedule's shape
+        # exchange deadlocked (one stage in send_forward_recv_forward, the other exchanging shapes).
+        raise NotImplementedError("token-budget / packed micro-batches of different shapes are not supported "
+                                  "with virtual pipeline parallelism; use a non-interleaved pipeline")
+    seq_length = max(s[1] for s in shapes)
+    mbs = max(s[0] for s in shapes)
     items = list(enumerate(micro_batches))
     iters = [iter(items) for _ in model_chunks]
     fb = get_forward_backward_func()
@@ -199,7 +220,9 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
                vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
                lr: Optional[float] = None,
                logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None,
-               fused_lm_head: bool = False, lm_head_chunk_tokens: Optional[int] = None) -> Dict[str, float]:
+               max_tokens_per_micro_batch: int = 0, pack_sequences: bool = False,
+               pad_token_id: int = 0, fused_lm_head: bool = False,
+               lm_head_chunk_tokens: Optional[int] = None) -> Dict[str, float]:
     """Forward + backward of the policy loss over `batch` (this DP rank's share) and one
     optimizer step. Returns metrics reduced over DP, identical on every rank.
 
@@ -210,11 +233,15 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     vocab-parallel logits; if it returns a tensor, that is used instead (tests return a clone
     with a gradient hook to capture d loss / d logits). `fused_lm_head`: log-probs straight from
     the hidden states (train/lm_head.py, no logits; `logits_hook` needs the materialised path).
+    `max_tokens_per_micro_batch` > 0 cuts the batch into token-budget micro-batches instead of
+    `micro_batch_size` rows, `pack_sequences` packs each micro-batch into one THD row
+    (`train.microbatch`; packing needs attention_backend sdpa or te).
 
     Metrics: the policy_loss metrics (loss = global loss, *_tokens = global counts, the rest
     token-weighted means), `entropy`, `rollout_logp_abs_diff` / `rollout_logp_diff` (train minus
     rollout, when rollout_logp is given), `grad_norm`, `update_successful`, `lr`,
-    `num_microbatches`, `tokens` (non-pad tokens, global), `step_time_s`, `tokens_per_s`.
+    `num_microbatches`, `tokens` (non-pad tokens, global), `computed_tokens` (tokens the model
+    ran on, padding included, global), `step_time_s`, `tokens_per_s` (tokens / step_time_s).
     """
     from megatron_dgpo.loss import policy_loss
 
@@ -224,8 +251,9 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     if loss_cfg.aggregation == "seq-mean-token-sum-norm" and loss_cfg.norm_length is None:
         # Dr.GRPO's constant: the batch's own length, not the layout-dependent padded length.
         loss_cfg = dataclasses.replace(loss_cfg, norm_length=batch.seq_length)
-    batch = batch.pad_to(_pad_multiple(config))
-    micro_batches = batch.micro_batches(micro_batch_size)
+    micro_batches = microbatch.split(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens_per_micro_batch,
+                                     pack=pack_sequences, pad_multiple=_pad_multiple(config),
+                                     pad_token_id=pad_token_id)
     n_mb = len(micro_batches)
     dp = ps.get_data_parallel_world_size()
     dev = _device()
@@ -238,7 +266,8 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     # Global normaliser and token counts, one all-reduce over DP.
     mask_s = shift_left(batch.loss_mask, False)
     counts = torch.tensor([float(mask_s.sum()), float((mask_s.sum(-1) > 0).sum()),
-                           float(batch.lengths.sum())], dtype=torch.float64, device=dev)
+                           float(batch.lengths.sum()), float(sum(mb.computed_tokens for mb in micro_batches))],
+                          dtype=torch.float64, device=dev)
     counts = _dp_all_reduce(counts).cpu()
     seq_mode = loss_cfg.aggregation != "token-mean"
     normalizer = float(counts[1] if seq_mode else counts[0])
@@ -254,9 +283,10 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     head = LMHead(fused=fused_lm_head, temperature=temperature, with_entropy=compute_entropy,
                   chunk_tokens=lm_head_chunk_tokens, logprob_chunk=chunk_size, vocab_size=vocab_size)
 
-    def loss_builder(idx, mb, tokens, out):
+    def loss_builder(idx, micro: MicroBatch, out):
         hook = functools.partial(logits_hook, idx) if logits_hook is not None else None
-        logp, ent = logprobs_from_output(out, shift_left(tokens), head, hook)
+        logp, ent = _row_logprobs(micro, out, head, hook)
+        mb = micro.rows
         mask = shift_left(mb.loss_mask, False).to(dev)
         old = logp.detach() if mb.old_logp is None else shift_left(mb.old_logp).to(dev)
         adv = mb.advantages.to(dev)
@@ -299,6 +329,7 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
         num_microbatches=float(n_mb),
         normalizer=normalizer,
         tokens=float(counts[2]),
+        computed_tokens=float(counts[3]),
         step_time_s=elapsed,
         tokens_per_s=float(counts[2]) / max(elapsed, 1e-9),
     )
@@ -309,18 +340,22 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
 def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *, micro_batch_size: int,
                      temperature: float = 1.0, with_entropy: bool = False,
                      vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
-                     fused_lm_head: bool = False, lm_head_chunk_tokens: Optional[int] = None):
+                     max_tokens_per_micro_batch: int = 0, pack_sequences: bool = False,
+                     pad_token_id: int = 0, fused_lm_head: bool = False,
+                     lm_head_chunk_tokens: Optional[int] = None):
     """Token-aligned log-probs `[B, S]` (and entropies) of `batch.tokens` without gradient.
 
     Runs the same pipeline schedule (forward only). Position 0 gets 0. The result is float32 on
     this rank's device and identical on every rank of the model-parallel group (broadcast from
     the last pipeline stage). Use it for old log-probs: `batch.with_old_logp(logp)`.
+    Micro-batch layouts as in `train_step`; rows are returned in `batch`'s order.
     """
     ps = _ps()
     config = prepare_model_config(model_chunks, None)
     s0 = batch.seq_length
-    padded = batch.pad_to(_pad_multiple(config))
-    micro_batches = padded.micro_batches(micro_batch_size)
+    mult = _pad_multiple(config)
+    micro_batches = microbatch.split(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens_per_micro_batch,
+                                     pack=pack_sequences, pad_multiple=mult, pad_token_id=pad_token_id)
     dev = _device()
     if vocab_size is None:
         vocab_size = _vocab_size_of(model_chunks)
@@ -331,8 +366,8 @@ def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *
     head = LMHead(fused=fused_lm_head, temperature=temperature, with_entropy=with_entropy,
                   chunk_tokens=lm_head_chunk_tokens, logprob_chunk=chunk_size, vocab_size=vocab_size)
 
-    def loss_builder(idx, mb, tokens, model_out):
-        logp, ent = logprobs_from_output(model_out, shift_left(tokens), head)
+    def loss_builder(idx, micro: MicroBatch, model_out):
+        logp, ent = _row_logprobs(micro, model_out, head)
         out = {"logp": logp.float()}
         if ent is not None:
             out["entropy"] = ent.float()
@@ -345,14 +380,16 @@ def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *
         for c, t in zip(model_chunks, was_training):
             c.train(t)
 
-    b, s = padded.tokens.shape
+    b, s = batch.batch_size, microbatch.round_up(s0, mult)
     names = ["logp"] + (["entropy"] if with_entropy else [])
     result = {}
     for name in names:
+        shifted = torch.zeros((b, s), dtype=torch.float32, device=dev)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
-            shifted = torch.cat([o[name] for o in outputs], 0)
-        else:
-            shifted = torch.empty((b, s), dtype=torch.float32, device=dev)
+            for mb, o in zip(micro_batches, outputs):  # back to the batch's row order
+                if mb.index.numel():
+                    width = min(o[name].shape[1], s)
+                    shifted[mb.index.to(dev), :width] = o[name][:, :width]
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(shifted, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())

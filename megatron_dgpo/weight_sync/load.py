@@ -5,6 +5,7 @@ Each rank reads only the slices of the HF tensors that its own parameters need (
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -21,8 +22,29 @@ from megatron_dgpo.weight_sync.transforms import megatron_shard_from_hf
 # HF tensors that carry no weights (old checkpoints stored rotary buffers).
 _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq\Z")
 
+# Every ModelConfig field that changes the math (features ModelConfig cannot express, e.g. rope
+# scaling or sliding windows, are refused by HFCheckpoint.model_config).
 _CONFIG_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
-                  "ffn_hidden_size", "qkv_bias", "tie_word_embeddings")
+                  "ffn_hidden_size", "qkv_bias", "tie_word_embeddings", "max_position_embeddings",
+                  "rope_theta", "rms_norm_eps")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def _checked_reader(ckpt: HFCheckpoint):
+    """ckpt.read that refuses integer / boolean tensors and NaN or infinite values, naming the tensor."""
+    def read(name, dim=None, start=0, stop=0):
+        t = ckpt.read(name, dim, start, stop)
+        if not t.is_floating_point():
+            raise CheckpointError(f"tensor {name!r} in {ckpt.folder} has dtype {t.dtype}: weights must be floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"tensor {name!r} in {ckpt.folder} holds NaN or infinite values")
+        return t
+    return read
 
 
 def _tp_info() -> tuple[int, int]:
@@ -71,7 +93,7 @@ def load_hf_into_megatron(model, hf_dir: str | os.PathLike | HFCheckpoint, model
         cfg = ckpt.model_config()
         if model_cfg is not None:
             for f in _CONFIG_FIELDS:
-                if getattr(model_cfg, f) != getattr(cfg, f):
+                if not _same(getattr(model_cfg, f), getattr(cfg, f)):
                     raise CheckpointError(f"{ckpt.folder / 'config.json'}: {f}={getattr(cfg, f)!r} but the model "
                                           f"was built with {f}={getattr(model_cfg, f)!r}")
             cfg = model_cfg
@@ -81,8 +103,7 @@ def load_hf_into_megatron(model, hf_dir: str | os.PathLike | HFCheckpoint, model
         tp, tp_rank = _tp_info()
         chunks = model if isinstance(model, (list, tuple)) else [model]
 
-        def read(name, dim, start, stop):
-            return ckpt.read(name, dim, start, stop)
+        read = _checked_reader(ckpt)
 
         vocab_rule = next(r for r in rules if r.rule == "vocab")
         for chunk in chunks:
@@ -120,7 +141,8 @@ def megatron_state_from_hf(hf_dir: str | os.PathLike, tp: int = 1, tp_rank: int 
         check_hf_tensors(ckpt, cfg)
         out = {}
         for layer, rule in iter_rule_instances(cfg):
-            out[rule.megatron.format(i=layer)] = megatron_shard_from_hf(rule, layer, cfg, tp, tp_rank, ckpt.read)
+            out[rule.megatron.format(i=layer)] = megatron_shard_from_hf(rule, layer, cfg, tp, tp_rank,
+                                                                        _checked_reader(ckpt))
         return out
 
 

@@ -18,9 +18,10 @@ and an all_gather of which rank holds which parameter):
    per shard, vocab padding stripped, cast to `dtype`) written straight into the bucket's flat byte
    buffer: one copy per byte, no whole-model staging. With ``target_tp=k`` it writes k buffers, the
    j-th holding inference TP rank j's shards (see `transforms.inference_region`).
-3. The source appends a checksum (two int64 words over the payload bytes: their wrapping sum and
-   a row-position-weighted sum) and sends the buffer: a broadcast to {source} + receivers
-   (``target_tp=None``), or point-to-point to receiver j (``target_tp=k``).
+3. The source appends a checksum (two int64 words over the payload bytes, seeded by the bucket
+   index, the receiver slot and the weight version: see `payload_checksum`) and sends the buffer:
+   a broadcast to {source} + receivers (``target_tp=None``), or point-to-point to receiver j
+   (``target_tp=k``).
 4. Each receiver verifies the checksum (`WeightSyncIntegrityError` on mismatch) and gets a
    `WeightBucket` whose tensors are views into the received buffer.
 
@@ -46,6 +47,7 @@ from megatron_dgpo.weight_sync.transforms import Region, copy_pieces, hf_pieces,
 ALIGN = 64  # byte alignment of each tensor inside a bucket
 CHECK_ROW_WORDS = 1024  # int64 words per checksum row; payload is padded to a whole row
 TAIL = 16  # two int64 checksum words after the payload
+CHECK_CHUNK_ROWS = 64  # rows per checksum step (512 KiB, cache-sized): bounds its temporary
 
 
 class WeightSyncIntegrityError(RuntimeError):
@@ -57,16 +59,70 @@ class WeightSyncError(ValueError):
 
 
 # ----------------------------------------------------------------------------- checksum
-def payload_checksum(payload: torch.Tensor) -> torch.Tensor:
+_M64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    x &= _M64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _splitmix(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def bucket_seed(index: int, version: int = 0, slot: int = 0) -> int:
+    """The checksum seed of bucket `index` for receiver slot `slot` of weight version `version`."""
+    h = _splitmix(int(index) & _M64)
+    h = _splitmix(h ^ (int(version) & _M64))
+    return _splitmix(h ^ (int(slot) & _M64))
+
+
+def _position_weighted(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """sum_j (2j + 1) * x_j over words x_j = x[r, c], j = r * W + c, from the row sums and the
+    column sums of x (modulo 2**64): two fast reductions instead of a multiply per word."""
+    r = torch.arange(rows.numel(), dtype=torch.int64, device=rows.device)
+    c = torch.arange(cols.numel(), dtype=torch.int64, device=cols.device)
+    return (2 * cols.numel()) * (r * rows).sum() + 2 * (c * cols).sum() + rows.sum()
+
+
+def payload_checksum(payload: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """int64[2] over a uint8 payload whose size is a multiple of 8 * CHECK_ROW_WORDS.
 
-    word 0: wrapping sum of the payload as int64 words (any single corrupted word changes it);
-    word 1: sum of row sums weighted by row position (catches reordered rows/blocks).
-    Integer sums modulo 2**64 do not depend on reduction order, so CPU and GPU agree.
+    With x_j the payload's int64 words and f(x) = x ^ (x >> 32) (the high half folded onto the
+    low half), modulo 2**64:
+      word 0 = h0(seed) + sum_j (2j + 1) * x_j
+      word 1 = h1(seed) + sum_j (2j + 1) * f(x_j)
+    Every word has its own odd weight, so a changed word, swapped words or tensors (inside a row
+    or not) and swapped rows change word 0, unless the two words differ only in their top bits
+    (a linear sum modulo 2**64 is blind to (x - y) * (w_p - w_q) = 0 mod 2**64, e.g. a swap of two
+    words that differ only in a sign bit): their folded values differ in the low half, which word
+    1 sees. The seed (bucket index, receiver slot, weight version: `bucket_seed`) makes an
+    all-zero buffer and a stale bucket of the same size fail. Integer sums modulo 2**64 do not
+    depend on reduction order, so CPU and GPU agree; the fold runs in chunks of
+    CHECK_CHUNK_ROWS rows to bound its temporary.
     """
-    rows = payload.view(torch.int64).view(-1, CHECK_ROW_WORDS).sum(dim=1)
-    weights = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=rows.device)
-    return torch.stack([rows.sum(), (rows * weights).sum()])
+    x = payload.view(torch.int64).view(-1, CHECK_ROW_WORDS)
+    dev = x.device
+    rows = torch.empty((2, x.shape[0]), dtype=torch.int64, device=dev)  # plain, folded
+    cols = torch.zeros((2, CHECK_ROW_WORDS), dtype=torch.int64, device=dev)
+    tmp = torch.empty((min(CHECK_CHUNK_ROWS, x.shape[0]), CHECK_ROW_WORDS), dtype=torch.int64, device=dev)
+    for start in range(0, x.shape[0], CHECK_CHUNK_ROWS):  # one pass; each chunk stays in cache
+        c = x[start:start + CHECK_CHUNK_ROWS]
+        end = start + c.shape[0]
+        rows[0, start:end] = c.sum(dim=1)
+        cols[0] += c.sum(dim=0)
+        f = tmp[:c.shape[0]]
+        torch.bitwise_right_shift(c, 32, out=f)
+        f ^= c
+        rows[1, start:end] = f.sum(dim=1)
+        cols[1] += f.sum(dim=0)
+    words = torch.stack([_position_weighted(rows[0], cols[0]), _position_weighted(rows[1], cols[1])])
+    return words + torch.tensor([_i64(_splitmix(seed)), _i64(_splitmix(seed ^ 0x5BD1E995))],
+                                dtype=torch.int64, device=x.device)
 
 
 def _storage_uses(t: torch.Tensor) -> int | None:
@@ -207,24 +263,30 @@ class WeightBucket:
     buffer: torch.Tensor
     payload_bytes: int
     inference_rank: int | None = None
+    version: int = 0  # the weight version this bucket belongs to (enters the checksum seed)
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return list(zip(self.names, self.tensors))
 
+    @property
+    def seed(self) -> int:
+        return bucket_seed(self.index, self.version, self.inference_rank or 0)
+
     def verify(self):
-        """Raise WeightSyncIntegrityError when the payload does not match the checksum tail."""
+        """Raise WeightSyncIntegrityError when the payload does not match the checksum tail (which
+        also covers this bucket's index, receiver slot and weight version)."""
         p = self.payload_bytes
-        got = payload_checksum(self.buffer[:p])
+        got = payload_checksum(self.buffer[:p], self.seed)
         want = self.buffer[p:p + TAIL].view(torch.int64)
         if not torch.equal(got.cpu(), want.cpu()):
             raise WeightSyncIntegrityError(
-                f"weight bucket {self.index} ({len(self.names)} tensors, first {self.names[0]!r}) failed its "
-                f"integrity check: checksum {got.tolist()} != sent {want.tolist()}")
+                f"weight bucket {self.index} of version {self.version} ({len(self.names)} tensors, first "
+                f"{self.names[0]!r}) failed its integrity check: checksum {got.tolist()} != sent {want.tolist()}")
 
     def seal(self):
         """Write the checksum tail (sender side)."""
         p = self.payload_bytes
-        self.buffer[p:p + TAIL].view(torch.int64).copy_(payload_checksum(self.buffer[:p]))
+        self.buffer[p:p + TAIL].view(torch.int64).copy_(payload_checksum(self.buffer[:p], self.seed))
 
 
 class WeightStreamer:
@@ -425,9 +487,12 @@ class WeightStreamer:
         dist.gather(t, gather_list=None, dst=e.src, group=par.tp_group)
         return None
 
-    def stream(self, *, fault_injector: Callable[[int, torch.Tensor], None] | None = None
+    def stream(self, *, version: int = 0, fault_injector: Callable[[int, torch.Tensor], None] | None = None
                ) -> Iterator[WeightBucket]:
         """Yield this rank's buckets (none on non-receivers). Every rank must exhaust it.
+
+        `version` (the weight version being synced, the same on every rank) enters each bucket's
+        checksum, so a receiver never accepts a bucket of an earlier sync.
 
         `fault_injector(bucket_index, buffer)` (tests) may modify a received buffer before it is
         verified, to simulate a garbled transfer.
@@ -473,7 +538,7 @@ class WeightStreamer:
                     members = set(self.receivers) | {b.src}
                     if len(members) > 1:
                         if is_src and self.integrity != "off":
-                            self._seal(bufs[0], b.sizes[0])
+                            self._seal(bufs[0], b.sizes[0], bucket_seed(bi, version, 0))
                         dist.broadcast(bufs[0], src=b.src, group=group)
                         if is_src:
                             st.sent_bytes += bufs[0].numel() * (len(members) - 1)
@@ -485,7 +550,7 @@ class WeightStreamer:
                         continue
                     if is_src:
                         if self.integrity != "off":
-                            self._seal(bufs[s], b.sizes[s])
+                            self._seal(bufs[s], b.sizes[s], bucket_seed(bi, version, s))
                         dist.send(bufs[s], dst=r)
                         st.sent_bytes += bufs[s].numel()
                     elif r == par.rank:
@@ -495,7 +560,7 @@ class WeightStreamer:
             for s in my_slots:
                 buf = bufs[s]
                 st.peak_buffer_bytes = max(st.peak_buffer_bytes, sum(x.numel() for x in bufs.values()))
-                wb = self._make_bucket(bi, b, s, buf)
+                wb = self._make_bucket(bi, b, s, buf, version)
                 if s in transferred and fault_injector is not None:
                     fault_injector(bi, buf)
                 if self.integrity == "always" and s not in transferred:
@@ -515,8 +580,8 @@ class WeightStreamer:
         self._pool.clear()
         self._recycle.clear()
 
-    def _seal(self, buf: torch.Tensor, payload: int):
-        buf[payload:payload + TAIL].view(torch.int64).copy_(payload_checksum(buf[:payload]))
+    def _seal(self, buf: torch.Tensor, payload: int, seed: int):
+        buf[payload:payload + TAIL].view(torch.int64).copy_(payload_checksum(buf[:payload], seed))
 
     def _view(self, buf: torch.Tensor, off: int, shape) -> torch.Tensor:
         n = 1
@@ -524,14 +589,14 @@ class WeightStreamer:
             n *= x
         return buf[off:off + n * self.elem].view(self.out_dtype).view(shape)
 
-    def _make_bucket(self, bi: int, b: _Bucket, slot: int, buf: torch.Tensor) -> WeightBucket:
+    def _make_bucket(self, bi: int, b: _Bucket, slot: int, buf: torch.Tensor, version: int = 0) -> WeightBucket:
         names, tensors = [], []
         for e in b.entries:
             for i, reg in enumerate(e.regions[slot]):
                 names.append(e.names[i])
                 tensors.append(self._view(buf, e.offsets[slot][i], reg.out_shape))
         return WeightBucket(bi, names, tensors, buf, b.sizes[slot],
-                            inference_rank=slot if self.target_tp is not None else None)
+                            inference_rank=slot if self.target_tp is not None else None, version=version)
 
     def iter_named_tensors(self, **kw) -> Iterator[tuple[str, torch.Tensor]]:
         for b in self.stream(**kw):

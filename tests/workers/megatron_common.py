@@ -53,7 +53,7 @@ def perturb_old_logp(logp: torch.Tensor) -> torch.Tensor:
     return logp.cpu() + 0.6 * torch.randn(logp.shape, generator=g)
 
 
-def setup(tp, pp, *, vpp=None, sp=False, dist_opt=False, seed=5, model=None):
+def setup(tp, pp, *, vpp=None, sp=False, dist_opt=False, seed=5, model=None, attention_backend=None):
     from megatron_dgpo import distributed
     from megatron_dgpo.model.builder import build_model_chunks
     from megatron_dgpo.train import build_optimizer
@@ -61,6 +61,7 @@ def setup(tp, pp, *, vpp=None, sp=False, dist_opt=False, seed=5, model=None):
     distributed.initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=seed,
                            virtual_pipeline_model_parallel_size=vpp)
     chunks = build_model_chunks(model or MODEL, sequence_parallel=sp, wrap_ddp=True,
+                                attention_backend=attention_backend,
                                 ddp_config=dict(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=dist_opt))
     # Adam's first update is lr * g / (|g| + eps): with a tiny eps, elements whose gradient is

@@ -1,6 +1,7 @@
 """torchrun worker (2 processes): the RL loop end to end on the embedded engine.
 
-For TP=2, PP=2 (with TIS and rollout old log-probs) and DP=2 (3 mini-batches: padded rows): a
+For TP=2, PP=2 (with TIS, rollout old log-probs, packed sequences) and DP=2 (3 mini-batches:
+padded rows; token-budget micro-batches): a
 couple of RL steps run, metrics.jsonl has the contract's columns, and after every weight sync the
 engine's log-probs equal the trainer's (Megatron) log-probs. With TP=2: save at step 2, resume in a fresh trainer, continue:
 identical to the uninterrupted run; NaN logits skip the update and abort the run in time.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
@@ -18,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_dgpo.config import TrainConfig
 from megatron_dgpo.configio import load_config
-from megatron_dgpo.rl.metrics import REQUIRED, read_metrics
+from megatron_dgpo.rl.metrics import REQUIRED, STAGE_TIMES, TRAIN_KEYS, read_metrics
 from megatron_dgpo.train import pad_sequences
 from megatron_dgpo.trainer import RLTrainer
 
@@ -81,10 +83,37 @@ def run_layout(name, out, **over):
     if dist.get_rank() == 0:
         got = read_metrics(os.path.join(out, "metrics.jsonl"))
         train_rows = [r for r in got if r["kind"] == "train"]
-        missing = [k for k in REQUIRED if any(k not in r for r in train_rows)]
+        missing = [k for k in set(REQUIRED) | set(TRAIN_KEYS) if any(k not in r for r in train_rows)]
         check(f"{name}_metrics_columns", len(train_rows) == tr.cfg.algo.steps and not missing, missing)
+        # per-stage times add up to (at most) the step; the step's rate counts all its tokens
+        timing = [(sum(r[k] for k in STAGE_TIMES), r["step_s"], r["tokens_per_s"], r["update_tokens_per_s"],
+                   r["rollout_tokens"], r["tokens"]) for r in train_rows]
+        check(f"{name}_metrics_times", all(
+            isinstance(r["step"], int) and 0 < st <= s and tps > 0 and utps > 0 and math.isclose(tps, rt / s)
+            for r, (st, s, tps, utps, rt, t) in zip(train_rows, timing)), timing)
         check(f"{name}_trained", all("skipped" not in r and "loss" in r for r in train_rows), train_rows)
     return tr, rows
+
+
+class NoVarianceReward:
+    def score(self, responses, ground_truths):
+        return [1.0] * len(responses), {}
+
+
+def skipped_step_writes_every_key(root):
+    """A step without reward variance (no update) still writes every documented key: the update's
+    metrics NaN, the times of stages it did not run 0, step an integer."""
+    tr = trainer(make_cfg(os.path.join(root, "novar"), **{"algo.steps": 1}))
+    if dist.get_rank() == 0:
+        tr.reward_fn = NoVarianceReward()
+    tr.step(0)
+    tr.close()
+    if dist.get_rank() == 0:
+        (row,) = [r for r in read_metrics(os.path.join(root, "novar", "metrics.jsonl")) if r["kind"] == "train"]
+        missing = [k for k in TRAIN_KEYS if k not in row]
+        ok = (not missing and "skipped" in row and isinstance(row["step"], int) and math.isnan(row["loss"])
+              and row["update_s"] == 0.0 and row["sync_s"] > 0 and math.isnan(row["update_tokens_per_s"]))
+        check("skipped_step_writes_every_key", ok, {"missing": missing, "row": row})
 
 
 def nonfinite_updates_are_skipped(root):
@@ -187,11 +216,16 @@ def main():
         ("tp2", lambda r: run_layout("tp2", os.path.join(r, "tp2"))),
         # PP=2 also runs the truncated-IS correction (per-token advantages) and old log-probs
         # taken from the rollout engine.
+        # PP=2 also packs sequences (THD, SDPA attention) into token-budget micro-batches.
         ("pp2", lambda r: run_layout("pp2", os.path.join(r, "pp2"), **{
             "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 2,
-            "algo.tis_cap": 2.0, "algo.old_logp_source": "rollout"})),
+            "algo.tis_cap": 2.0, "algo.old_logp_source": "rollout", "parallel.attention_backend": "sdpa",
+            "algo.pack_sequences": True, "algo.max_tokens_per_micro_batch": 64})),
+        # DP=2 with token-budget micro-batches (token-balanced DP shares).
         ("dp2", lambda r: run_layout("dp2", os.path.join(r, "dp2"), **{
-            "parallel.tensor_model_parallel_size": 1, "algo.mini_batches": 3})),
+            "parallel.tensor_model_parallel_size": 1, "algo.mini_batches": 3,
+            "algo.max_tokens_per_micro_batch": 48})),
+        ("novar", skipped_step_writes_every_key),
         ("resume", lambda r: resume_same_trajectory(os.path.join(r, "resume"))),
         ("nonfinite", nonfinite_updates_are_skipped),
         ("policy", policy_mechanics),
