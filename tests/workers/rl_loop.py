@@ -221,9 +221,10 @@ def main():
             "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 2,
             "algo.tis_cap": 2.0, "algo.old_logp_source": "rollout", "parallel.attention_backend": "sdpa",
             "algo.pack_sequences": True, "algo.max_tokens_per_micro_batch": 64})),
-        # DP=2 with token-budget micro-batches (token-balanced DP shares).
+        # DP=2 with token-budget micro-batches (token-balanced DP shares), old log-probs
+        # recomputed by the trainer (the default `auto` takes the embedded engine's).
         ("dp2", lambda r: run_layout("dp2", os.path.join(r, "dp2"), **{
-            "parallel.tensor_model_parallel_size": 1, "algo.mini_batches": 3,
+            "parallel.tensor_model_parallel_size": 1, "algo.mini_batches": 3, "algo.old_logp_source": "trainer",
             "algo.max_tokens_per_micro_batch": 48})),
         ("novar", skipped_step_writes_every_key),
         ("resume", lambda r: resume_same_trajectory(os.path.join(r, "resume"))),
