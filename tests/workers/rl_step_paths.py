@@ -112,17 +112,58 @@ def rollout_source_matches_trainer(root):
           loss_rel <= 1e-5 and grad_rel <= 1e-5 and tr.old_logp_plan == "rollout" and 0 < got["trainer"][2] < 1e-5, d)
 
 
+def collectives_per_stage(root):
+    """One steady-state RL step of the demo's shape (32 prompts x 8, 4 mini-batches of 64, token
+    budget) under TP=2: collectives and bytes per stage on this rank."""
+    from megatron_dgpo.collective_count import CollectiveCounter, instrument_trainer
+
+    cfg = make_cfg(os.path.join(root, "coll"), **{"algo.prompts_per_step": 32, "rollout.group_size": 8,
+                                                  "algo.steps": 3})
+    tr = trainer(cfg)
+    with CollectiveCounter() as cc:
+        instrument_trainer(tr, cc)
+        tr.step(0)
+        cc.reset()
+        row = tr.step(1)
+    tr.close()
+    got = cc.summary()
+    COUNTS[dist.get_rank()] = {"summary": got, "table": cc.table(), "num_microbatches": row.get("num_microbatches"),
+                               "skipped": row.get("skipped"), "source": row.get("old_logp_source")}
+    ops = {k: v["ops"] for k, v in got.items()}
+    # Measured with megatron-core 0.16.1 on gloo (rank 0 and 1 alike). An RL step of this shape:
+    # rollout gather and reward broadcast one object each; the update 16 all-reduces per mini-batch
+    # (one micro-batch each: TP reductions of 2 layers forward + backward, vocab-parallel log-prob
+    # reductions, the normaliser, the finite-gradient flag, the grad norm); the weight sync one
+    # gather of the bucket's TP shards, one broadcast of the bucket, the finite-weights flag.
+    # A change that adds collectives fails here: update the numbers only on purpose.
+    want = {"rollout": {"all_gather_object": 1}, "reward": {"broadcast_object_list": 1},
+            "update": {"all_reduce": 64}, "sync": {"all_reduce": 1, "gather": 1, "broadcast": 1}}
+    check(f"collectives_per_stage_rank{dist.get_rank()}",
+          ops == want and row.get("num_microbatches") == 1.0 and row.get("old_logp_source") == "rollout",
+          COUNTS[dist.get_rank()])
+
+
+COUNTS = {}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     args = p.parse_args()
     root = os.path.dirname(os.path.abspath(args.out))
-    for name, fn in (("shortcut", shortcut_equals_recompute), ("rollout_src", rollout_source_matches_trainer)):
+    for name, fn in (("shortcut", shortcut_equals_recompute), ("rollout_src", rollout_source_matches_trainer),
+                     ("collectives", collectives_per_stage)):
         try:
             fn(root)
         except Exception:
             check(f"{name}_ran", False, traceback.format_exc())
             raise
+    # rank 1's checks travel to rank 0, which writes the results
+    box = [RESULTS]
+    all_results = [None] * dist.get_world_size()
+    dist.all_gather_object(all_results, box[0])
+    for r in all_results:
+        RESULTS.update({k: v for k, v in r.items() if k not in RESULTS})
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(RESULTS, f)
