@@ -49,7 +49,8 @@ def trainer(cfg) -> RLTrainer:
 
 
 def make_cfg(out, **over):
-    base = dict(**{"algo.steps": 2, "warmstart.sft_steps": 4, "warmstart.sft_batch_size": 16,
+    # TP=2 unless overridden: the tensor-parallel, vocab-parallel path (the demo itself runs DP=2)
+    base = dict(**{"parallel.tensor_model_parallel_size": 2, "algo.steps": 2, "warmstart.sft_steps": 4, "warmstart.sft_batch_size": 16,
                    "eval.num_prompts": 8, "algo.prompts_per_step": 4, "rollout.group_size": 4,
                    "model.hidden_size": 64, "model.ffn_hidden_size": 128, "tensorboard": False,
                    "data.arithmetic.num_train": 200, "data.arithmetic.num_eval": 16,

@@ -112,13 +112,31 @@ def rollout_source_matches_trainer(root):
           loss_rel <= 1e-5 and grad_rel <= 1e-5 and tr.old_logp_plan == "rollout" and 0 < got["trainer"][2] < 1e-5, d)
 
 
-def collectives_per_stage(root):
+# Measured with megatron-core 0.16.1 on gloo (both ranks alike). An RL step of the demo's shape:
+# the rollout gather and the reward broadcast one object each. TP=2: the update 16 all-reduces per
+# mini-batch (one micro-batch each: TP reductions of 2 layers forward + backward, vocab-parallel
+# log-prob reductions, the normaliser, the finite-gradient flag, the grad norm); the weight sync one
+# gather of the bucket's TP shards, one broadcast of the bucket, the finite-weights flag. DP=2
+# (the demo): per mini-batch the normaliser, the micro-batch count, the gradient all-reduce, the
+# finite-gradient flag, the metrics; the sync one broadcast and the flag.
+# A change that adds collectives fails here: update these numbers only on purpose.
+WANT = {
+    "tp2": {"rollout": {"all_gather_object": 1}, "reward": {"broadcast_object_list": 1},
+            "update": {"all_reduce": 64}, "sync": {"all_reduce": 1, "gather": 1, "broadcast": 1}},
+    "dp2": {"rollout": {"all_gather_object": 1}, "reward": {"broadcast_object_list": 1},
+            "update": {"all_reduce": 28}, "sync": {"all_reduce": 1, "broadcast": 1}},
+}
+
+
+def collectives_per_stage(root, layout):
     """One steady-state RL step of the demo's shape (32 prompts x 8, 4 mini-batches of 64, token
-    budget) under TP=2: collectives and bytes per stage on this rank."""
+    budget) under TP=2 or DP=2: collectives and bytes per stage on this rank."""
     from megatron_dgpo.collective_count import CollectiveCounter, instrument_trainer
 
-    cfg = make_cfg(os.path.join(root, "coll"), **{"algo.prompts_per_step": 32, "rollout.group_size": 8,
-                                                  "algo.steps": 3})
+    tp = 2 if layout == "tp2" else 1
+    cfg = make_cfg(os.path.join(root, f"coll_{layout}"), **{
+        "algo.prompts_per_step": 32, "rollout.group_size": 8, "algo.steps": 3,
+        "parallel.tensor_model_parallel_size": tp})
     tr = trainer(cfg)
     with CollectiveCounter() as cc:
         instrument_trainer(tr, cc)
@@ -127,23 +145,12 @@ def collectives_per_stage(root):
         row = tr.step(1)
     tr.close()
     got = cc.summary()
-    COUNTS[dist.get_rank()] = {"summary": got, "table": cc.table(), "num_microbatches": row.get("num_microbatches"),
-                               "skipped": row.get("skipped"), "source": row.get("old_logp_source")}
     ops = {k: v["ops"] for k, v in got.items()}
-    # Measured with megatron-core 0.16.1 on gloo (rank 0 and 1 alike). An RL step of this shape:
-    # rollout gather and reward broadcast one object each; the update 16 all-reduces per mini-batch
-    # (one micro-batch each: TP reductions of 2 layers forward + backward, vocab-parallel log-prob
-    # reductions, the normaliser, the finite-gradient flag, the grad norm); the weight sync one
-    # gather of the bucket's TP shards, one broadcast of the bucket, the finite-weights flag.
-    # A change that adds collectives fails here: update the numbers only on purpose.
-    want = {"rollout": {"all_gather_object": 1}, "reward": {"broadcast_object_list": 1},
-            "update": {"all_reduce": 64}, "sync": {"all_reduce": 1, "gather": 1, "broadcast": 1}}
-    check(f"collectives_per_stage_rank{dist.get_rank()}",
-          ops == want and row.get("num_microbatches") == 1.0 and row.get("old_logp_source") == "rollout",
-          COUNTS[dist.get_rank()])
-
-
-COUNTS = {}
+    detail = {"ops": ops, "bytes": {k: v["bytes"] for k, v in got.items()}, "table": cc.table(),
+              "num_microbatches": row.get("num_microbatches"), "source": row.get("old_logp_source")}
+    check(f"collectives_per_stage_{layout}_rank{dist.get_rank()}",
+          ops == WANT[layout] and row.get("num_microbatches") == 1.0 and row.get("old_logp_source") == "rollout",
+          detail)
 
 
 def main():
@@ -152,7 +159,8 @@ def main():
     args = p.parse_args()
     root = os.path.dirname(os.path.abspath(args.out))
     for name, fn in (("shortcut", shortcut_equals_recompute), ("rollout_src", rollout_source_matches_trainer),
-                     ("collectives", collectives_per_stage)):
+                     ("collectives_tp2", lambda r: collectives_per_stage(r, "tp2")),
+                     ("collectives_dp2", lambda r: collectives_per_stage(r, "dp2"))):
         try:
             fn(root)
         except Exception:
