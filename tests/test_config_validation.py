@@ -65,7 +65,7 @@ def test_entry_point_one_line_exit_2(tmp_path):
     assert not (tmp_path / "o").exists()  # before anything is built or written
     p = _run_main(["--config", str(tmp_path / "missing.yaml")])
     assert p.returncode == 2 and "missing.yaml" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
-    p = _run_main(["--config", CONFIG], world=3)  # TP=2 on 3 processes; rank 1 prints nothing
+    p = _run_main(["--config", CONFIG, "parallel.tensor_model_parallel_size=2"], world=3)  # TP=2 on 3 processes; rank 1 prints nothing
     assert p.returncode == 2 and p.stderr == "", p.stderr[-2000:]
 
 
