@@ -3,6 +3,7 @@
 
     python benchmarks/vs_trl/bench.py --work outputs/vs_trl                # P,T,P,T, 100 RL steps
     python benchmarks/vs_trl/bench.py --work W --plan P,T,P,T,P,T --steps 100 --project-layout tp2
+    python benchmarks/vs_trl/bench.py --work W --plan P,T1,T,P     # T1: TRL on 1 thread (a reference)
 
 TRL (1.16) goes into its own virtualenv (--trl-venv, built on first use): a venv that sees the
 project's packages (torch, transformers) through a .pth file and gets trl, accelerate and datasets
@@ -166,16 +167,16 @@ def project_run(a, idx: int) -> dict:
     return summary("project", walls, gen, acc, mon, cmd, split)
 
 
-def trl_run(a, idx: int, trl_py: Path, data: Path) -> dict:
-    out = Path(a.work) / "runs" / f"{idx:02d}_T"
+def trl_run(a, idx: int, trl_py: Path, data: Path, threads: int) -> dict:
+    out = Path(a.work) / "runs" / f"{idx:02d}_T{threads}"
     ws = glob.glob(str(Path(a.work) / "cache" / "sft-*"))
     if len(ws) != 1:
         sys.exit(f"expected one warm start under {a.work}/cache (the project run makes it), found {ws}")
     cmd = [str(trl_py), str(HERE / "trl_grpo.py"), "--data", str(data), "--model", ws[0], "--out", str(out),
-           "--threads", str(a.trl_threads), "--steps", str(a.steps)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.trl_threads), PYTHONPATH=str(ROOT))
+           "--threads", str(threads), "--steps", str(a.steps)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     out.mkdir(parents=True, exist_ok=True)
-    mon = run(cmd, env, out.parent / f"{idx:02d}_T.log")
+    mon = run(cmd, env, out.parent / f"{idx:02d}_T{threads}.log")
     tim = json.loads((out / "timings.json").read_text())
     sb = {int(k): v for k, v in tim["step_begin"].items()}
     se = {int(k): v for k, v in tim["step_end"].items()}
@@ -183,7 +184,7 @@ def trl_run(a, idx: int, trl_py: Path, data: Path) -> dict:
     n = len(sb) // m
     walls = [se[m * (k + 1)] - sb[m * k] for k in range(n)][a.warmup:]  # RL step k = optimizer steps mk..mk+m-1
     gen = tim["gen_tokens"][a.warmup:n]
-    return summary("trl", walls, gen, evaluate_hf(str(out / "final")), mon, cmd, {})
+    return summary(f"trl{threads}", walls, gen, evaluate_hf(str(out / "final")), mon, cmd, {})
 
 
 def summary(kind, walls, gen, acc, mon, cmd, split) -> dict:
@@ -215,17 +216,18 @@ def main():
         plan.insert(0, "P")  # the first project run makes the warm start TRL starts from
     results = []
     for i, kind in enumerate(plan):
-        r = project_run(a, i) if kind == "P" else trl_run(a, i, trl_py, data)
+        r = project_run(a, i) if kind == "P" else trl_run(a, i, trl_py, data, 1 if kind == "T1" else a.trl_threads)
         results.append(r)
         print(f"  run {i + 1} {r['kind']}: median {r['median']:.3f} s/step, load {r['load']:.1f}", file=sys.stderr, flush=True)
         (work / "results.json").write_text(json.dumps(results, indent=1))
-    trl_med = [r["median"] for r in results if r["kind"] == "trl"]
+    trl_med = [r["median"] for r in results if r["kind"] == f"trl{a.trl_threads}"]
     ref = statistics.median(trl_med) if trl_med else float("nan")
-    print(f"\n{os.cpu_count()} CPUs; steps {a.warmup + 1}-{a.steps}; x = TRL's median s/step (all its runs) / this run's")
+    print(f"\n{os.cpu_count()} CPUs; steps {a.warmup + 1}-{a.steps}; "
+          f"x = TRL's ({a.trl_threads} threads) median s/step over its runs / this run's")
     print("| run | what | s/step median | p10 | generated tok/s | peak PSS (GB) | held-out acc | load avg | x |")
     print("|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(results):
-        what = f"project ({a.project_layout})" if r["kind"] == "project" else f"TRL GRPOTrainer ({a.trl_threads} threads)"
+        what = f"project ({a.project_layout})" if r["kind"] == "project" else f"TRL GRPOTrainer ({r['kind'][3:]} threads)"
         print(f"| {i + 1} | {what} | {r['median']:.3f} | {r['p10']:.3f} | {r['gen_tok_s']:.0f} | {r['peak_pss_gb']:.2f} | "
               f"{r['acc']:.3f} | {r['load']:.1f} | {ref / r['median']:.2f} |")
     for i, r in enumerate(results):
