@@ -113,7 +113,10 @@ class AlgoConfig:
     pack_sequences: bool = False
     advantage: Literal["grpo", "drgrpo"] = "grpo"
     filter_zero_variance: bool = True
-    old_logp_source: Literal["trainer", "rollout"] = "trainer"
+    # auto: the rollout engine's log-probs where they are the trainer's numbers (embedded engine,
+    # fp32 trainer), a trainer forward otherwise (SGLang, bf16); see rl/old_logp.py. An on-policy
+    # update (mini_batches 1, epochs 1, no tis_cap) uses its own forward's, whatever the source.
+    old_logp_source: Literal["auto", "trainer", "rollout"] = "auto"
     tis_cap: Optional[float] = None  # truncated IS correction min(pi_old / pi_rollout, cap)
     max_skipped_steps: int = 3  # abort after this many non-finite updates
     # LM head + log-prob + entropy fused on the last pipeline stage (ops/lm_head.py): no [T, V/TP]

@@ -20,7 +20,7 @@ BAD = ["algo.mini_batches=0", "algo.epochs=0", "optim.clip_grad=nan", "optim.lr=
        "warmstart.sft_steps=-5", "reward.timeout_s=nan", "reward.timeout_s=inf", "loss.dgpo_n=nan",
        "loss.dgpo_m=nan", "loss.ce_beta1=nan", "loss.ce_beta2=.nan", "algo.micro_batch_size=0",
        "rollout.top_k=0", "optim.adam_beta2=1.0", "parallel.tensor_model_parallel_size=3",
-       "algo.max_skipped_steps=0", "algo.mini_batches=1000"]
+       "algo.max_skipped_steps=0", "algo.mini_batches=1000", "algo.old_logp_source=foo"]
 
 
 @pytest.mark.parametrize("override", BAD)
@@ -65,7 +65,7 @@ def test_entry_point_one_line_exit_2(tmp_path):
     assert not (tmp_path / "o").exists()  # before anything is built or written
     p = _run_main(["--config", str(tmp_path / "missing.yaml")])
     assert p.returncode == 2 and "missing.yaml" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
-    p = _run_main(["--config", CONFIG], world=3)  # TP=2 on 3 processes; rank 1 prints nothing
+    p = _run_main(["--config", CONFIG, "parallel.tensor_model_parallel_size=2"], world=3)  # TP=2 on 3 processes; rank 1 prints nothing
     assert p.returncode == 2 and p.stderr == "", p.stderr[-2000:]
 
 
