@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKS = ["qwen2_tied/hf_to_megatron_tp2pp1", "qwen2_tied/megatron_to_hf_tp1pp2_fp32",
           "qwen2_tied/megatron_to_hf_tp1pp2_bf16", "llama/hf_to_megatron_tp1pp2",
           "llama/megatron_to_hf_tp2pp1_fp32", "llama/megatron_to_hf_tp2pp1_bf16", "llama/bf16_params_round_trip",
-          "qwen3/uneven_pp2_both_ways", "bad_inputs"]
+          "llama/fp32_ckpt_loaded_as_bf16", "qwen3/uneven_pp2_both_ways", "bad_inputs"]
 
 
 @pytest.fixture(scope="module")

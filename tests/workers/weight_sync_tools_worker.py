@@ -88,6 +88,18 @@ def main():
         return not bad, f"bad={bad[:3]}"
     check("llama/bf16_params_round_trip", bf16_params)
 
+    # an fp32 checkpoint loaded into a bf16 model: the export holds the bf16-rounded values
+    def fp32_ckpt_as_bf16():
+        out = work / "back_fp32_as_bf16"
+        res = m2h.convert_megatron_to_hf(work / "ckpt_llama", out, params_dtype=torch.bfloat16)
+        if rank != 0:
+            return res is None, ""
+        from transformers import AutoModelForCausalLM
+        got = hf_state(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16))
+        bad = [k for k, t in refs["llama"].items() if not torch.equal(got[k], t.bfloat16())]
+        return not bad, f"bad={bad[:3]}"
+    check("llama/fp32_ckpt_loaded_as_bf16", fp32_ckpt_as_bf16)
+
     # Qwen3 with uneven pipeline stages both ways: 4 layers as 1+3 (save) and 3+1 (load)
     mdist.initialize(1, 2, timeout_minutes=3)
 
