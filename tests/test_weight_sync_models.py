@@ -2,7 +2,8 @@
 
 Fewer KV heads than TP (Megatron-Core splits linear_qkv in equal row blocks and all-gathers them),
 Qwen3 dense (q/k norms, head_dim independent of hidden), uneven pipeline stages
-(num_layers_in_first/last_pipeline_stage), Llama-3 rope scaling. See workers/weight_sync_models_worker.py.
+(num_layers_in_first/last_pipeline_stage), Llama-3 rope scaling; gradients vs transformers at TP 2 / 4
+(Qwen3 q/k norms, fewer KV heads than TP). See workers/weight_sync_models_worker.py.
 """
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from torchrun_util import run_torchrun  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
-from weight_sync_models_worker import CASES  # noqa: E402
+from weight_sync_models_worker import CASES, GRAD_CASES  # noqa: E402
 
 
 def _expected():
@@ -23,7 +24,7 @@ def _expected():
                                          f"inference_tp{itp}_shards")]
         if first is not None or last is not None:
             out.append(f"{name}/layer_placement")
-    return out
+    return out + [f"{name}/grads_match_transformers" for name in GRAD_CASES]
 
 
 @pytest.fixture(scope="module")

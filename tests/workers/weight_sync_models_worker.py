@@ -3,7 +3,10 @@
 Per case: HF folder -> Megatron (load) -> stream -> HF bit-exact, Megatron logits == transformers
 logits (fp32), inference-TP shards == slicing the HF tensors. Cases: fewer KV heads than TP
 (2 KV heads at TP 4; Qwen3 with 1 KV head at TP 2 x PP 2), uneven pipeline stages (3 layers on
-PP 2 split 1+2 and 2+1), Llama-3 rope scaling active at the tested length (TP 2).
+PP 2 split 1+2 and 2+1), Llama-3 rope scaling active at the tested length (TP 2). Plus gradients:
+for Qwen3 at TP 2 (2 KV heads, and 1 KV head: fewer than TP) and Qwen2 with 2 KV heads at TP 4, every
+parameter's gradient after Megatron's finalize_model_grads (DDP over DP, q/k-norm sums over TP) equals
+transformers' gradient of the same loss, mapped to the Megatron shard by the loading rules.
 Rank 0 writes {check: {"ok": bool, "detail": ...}} to --out.
 """
 from __future__ import annotations
@@ -40,6 +43,56 @@ CASES = {
 }
 
 
+# name: (variant, overrides, TP, HF folder of a case above); PP 1, the rest of the 4 ranks is DP
+GRAD_CASES = {
+    "qwen3_tp2": ("qwen3", {}, 2, "hf_qwen3_grads"),
+    "qwen3_kv1_tp2": ("qwen3", dict(num_query_groups=1), 2, "hf_qwen3_kv1_tp2pp2"),
+    "kv2_tp4": ("qwen2", {}, 4, "hf_kv2_tp4"),
+}
+
+
+def grads_match(cfg, tp: int, folder: Path, tokens: torch.Tensor):
+    """d(sum(logits * R))/d(param) on every Megatron shard == transformers' gradient, sliced by the rules."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from transformers import AutoModelForCausalLM
+
+    from megatron_dgpo.weight_sync.layouts import get_layout, megatron_matcher
+    from megatron_dgpo.weight_sync.transforms import megatron_shard_from_hf
+
+    mdist.initialize(tp, 1, timeout_minutes=3)
+    chunks = build_model_chunks(cfg, wrap_ddp=True)
+    load_hf_into_megatron(chunks, folder, cfg)
+    R = torch.randn(*tokens.shape, cfg.vocab_size, generator=torch.Generator().manual_seed(11))
+    b, s = tokens.shape
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    for c in chunks:
+        c.zero_grad_buffer()
+    out = gather_from_tensor_model_parallel_region(chunks[0](input_ids=tokens, position_ids=pos, attention_mask=None))
+    # DDP sums over DP here (calculate_per_token_loss): each DP replica carries 1/dp of the loss
+    ((out[..., : cfg.vocab_size] * R).sum() / ps.get_data_parallel_world_size()).backward()
+    finalize_model_grads(chunks)
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    (hf(input_ids=tokens).logits * R).sum().backward()
+    ref = {n: p.grad for n, p in hf.named_parameters()}
+    scale = max(g.abs().max().item() for g in ref.values())
+
+    def read(name, dim, start, stop):
+        return ref[name] if dim is None else ref[name].narrow(dim, start, stop - start)
+    matcher = megatron_matcher(get_layout(cfg))
+    tp_rank, worst, bad = ps.get_tensor_model_parallel_rank(), 0.0, []
+    for pname, p in unwrap_model(chunks)[0].named_parameters():
+        rule, layer = matcher.match(pname)
+        want = megatron_shard_from_hf(rule, layer, cfg, tp, tp_rank, read)
+        err = (p.main_grad - want).abs().max().item() / scale
+        worst = max(worst, err)
+        if err > 1e-5:
+            bad.append(pname)
+    return not bad, f"max err / max|grad| {worst:.1e}; bad {bad[:3]}"
+
+
 def stage_layers(cfg, pp: int, first, last) -> list[int]:
     """Independent statement of Megatron's split: first/last as given, the rest even over the middle."""
     n = [None] * pp
@@ -64,6 +117,8 @@ def main():
     for seed, (name, (variant, over, *_)) in enumerate(CASES.items()):
         if rank == 0:
             save_hf_model(tiny_config(variant, **over), work / f"hf_{name}", seed=10 + seed)
+    if rank == 0:
+        save_hf_model(tiny_config("qwen3"), work / "hf_qwen3_grads", seed=20)
     dist.barrier()
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 200, (2, 12), generator=g)
@@ -123,6 +178,10 @@ def main():
             return shards_match(got, reference_inference_shards(cfg, ref, itp, receivers.index(rank)))
         check(f"{name}/inference_tp{itp}_shards", inference_shards)
         del chunks
+
+    for name, (variant, over, tp, folder) in GRAD_CASES.items():
+        check(f"{name}/grads_match_transformers",
+              lambda: grads_match(tiny_config(variant, **over), tp, work / folder, tokens))
 
     if rank == 0:
         Path(args.out).write_text(json.dumps(RESULTS, indent=1))
