@@ -245,13 +245,17 @@ def test_bad_inputs(hf_folder, tmp_path):
     with pytest.raises(CheckpointError, match="gpt2"):
         HFCheckpoint(gpt2).model_config()
     # config features the Megatron model would silently ignore
-    for extra in ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, {"hidden_act": "gelu"},
-                  {"mlp_bias": True}):
-        d = tmp_path / f"cfg_{next(iter(extra))}"
+    # (llama3 rope scaling is supported, but only with all four of its parameters)
+    for i, (extra, match) in enumerate((
+            ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+            ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_parameters"),
+            ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"rope_scaling needs .* missing \['low_freq"),
+            ({"hidden_act": "gelu"}, "hidden_act"), ({"mlp_bias": True}, "mlp_bias"))):
+        d = tmp_path / f"cfg_{i}"
         d.mkdir()
         (d / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **extra}))
         (d / "model.safetensors").symlink_to(folder / "model.safetensors")
-        with pytest.raises(CheckpointError, match=next(iter(extra))):
+        with pytest.raises(CheckpointError, match=match):
             HFCheckpoint(d).model_config()
     # missing tensor / wrong shape: rewrite the checkpoint without / with a bad tensor
     victim = "model.layers.1.mlp.up_proj.weight"
