@@ -65,7 +65,8 @@ LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
     ("qwen2", False, {}), ("llama", True, {}),
     ("qwen3", False, dict(kv_channels=24)),  # head_dim independent of hidden / heads
     ("llama", False, dict(rope_scaling=LLAMA3_SCALING)),
-], ids=["qwen2", "llama_tied", "qwen3", "llama3_rope_scaling"])
+    ("qwen2", False, dict(kv_channels=8)),  # head_dim != hidden / heads outside Qwen3 too
+], ids=["qwen2", "llama_tied", "qwen3", "llama3_rope_scaling", "qwen2_head_dim_8"])
 def test_builder_matches_transformers(megatron_world, arch, tied, extra):
     import transformers
 

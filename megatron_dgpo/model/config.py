@@ -31,7 +31,8 @@ class ModelConfig:
     # when streaming to HF / inference engines).
     make_vocab_size_divisible_by: int = 128
     # Per-head width (HF head_dim, Megatron kv_channels); None: hidden_size // num_attention_heads.
-    # Qwen3 sets it independently of hidden_size (e.g. Qwen3-4B: hidden 2560, 32 heads, head_dim 128).
+    # Qwen3 sets it independently of hidden_size (e.g. Qwen3-4B: hidden 2560, 32 heads, head_dim 128);
+    # Qwen2 and Llama read it from config.json too.
     kv_channels: int | None = None
     # Llama 3.x rope scaling (rope_type "llama3"); None: plain RoPE. Keys as in HF: factor,
     # low_freq_factor, high_freq_factor, original_max_position_embeddings.
@@ -78,8 +79,6 @@ class ModelConfig:
             raise ValueError(f"config.json model_type={arch!r} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        if head_dim * heads != hf["hidden_size"] and arch != "qwen3":
-            raise ValueError(f"config.json: head_dim * num_attention_heads != hidden_size is not supported for {arch}")
         rope = hf.get("rope_theta")
         if rope is None:
             rope = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -114,6 +113,7 @@ class ModelConfig:
             rope_theta=self.rope_theta,
             rms_norm_eps=self.rms_norm_eps,
             tie_word_embeddings=self.tie_word_embeddings,
+            head_dim=self.head_dim,  # read by Qwen2 / Qwen3 / Llama attention (getattr with this default)
             hidden_act="silu",
             torch_dtype="float32",
         )
@@ -123,8 +123,8 @@ class ModelConfig:
             return dict(common, model_type="qwen2", architectures=["Qwen2ForCausalLM"])
         if self.arch == "qwen3":
             return dict(common, model_type="qwen3", architectures=["Qwen3ForCausalLM"],
-                        head_dim=self.head_dim, attention_bias=self.qkv_bias)
-        return dict(common, model_type="llama", architectures=["LlamaForCausalLM"], head_dim=self.head_dim,
+                        attention_bias=self.qkv_bias)
+        return dict(common, model_type="llama", architectures=["LlamaForCausalLM"],
                     attention_bias=self.qkv_bias, mlp_bias=False)
 
     def to_dict(self) -> dict:
