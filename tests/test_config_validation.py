@@ -20,7 +20,8 @@ BAD = ["algo.mini_batches=0", "algo.epochs=0", "optim.clip_grad=nan", "optim.lr=
        "warmstart.sft_steps=-5", "reward.timeout_s=nan", "reward.timeout_s=inf", "loss.dgpo_n=nan",
        "loss.dgpo_m=nan", "loss.ce_beta1=nan", "loss.ce_beta2=.nan", "algo.micro_batch_size=0",
        "rollout.top_k=0", "optim.adam_beta2=1.0", "parallel.tensor_model_parallel_size=3",
-       "algo.max_skipped_steps=0", "algo.mini_batches=1000"]
+       "algo.max_skipped_steps=0", "algo.mini_batches=1000", "parallel.num_layers_in_first_pipeline_stage=1",
+       "parallel.num_layers_in_last_pipeline_stage=0"]
 
 
 @pytest.mark.parametrize("override", BAD)
