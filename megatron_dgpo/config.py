@@ -24,6 +24,10 @@ class ParallelConfig:
     # varlen_attn in the local spec (model/attention.py), te = Transformer Engine's (TE spec);
     # auto = te with transformer_engine, local otherwise.
     attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
+    # Uneven pipeline stages (Megatron-Core's split): layers on the first / last stage; the other
+    # stages share the rest equally. None: every stage holds num_layers / PP.
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
 
     def __post_init__(self):
         from megatron_dgpo.model.builder import resolve_attention_backend

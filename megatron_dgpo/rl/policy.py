@@ -32,7 +32,9 @@ class Policy:
         self.chunks = build_model_chunks(
             cfg.model, transformer_impl=par.transformer_impl, fp8=_fp8(cfg),
             params_dtype=DTYPES[par.params_dtype], sequence_parallel=par.sequence_parallel,
-            wrap_ddp=True, ddp_config=ddp, attention_backend=par.attention_backend)
+            wrap_ddp=True, ddp_config=ddp, attention_backend=par.attention_backend,
+            num_layers_in_first_pipeline_stage=par.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=par.num_layers_in_last_pipeline_stage)
         o = cfg.optim
         self.optimizer = build_optimizer(
             self.chunks, lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
