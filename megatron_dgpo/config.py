@@ -119,12 +119,20 @@ class AlgoConfig:
     old_logp_source: Literal["auto", "trainer", "rollout"] = "auto"
     tis_cap: Optional[float] = None  # truncated IS correction min(pi_old / pi_rollout, cap)
     max_skipped_steps: int = 3  # abort after this many non-finite updates
+    # LM head + log-prob + entropy fused on the last pipeline stage (ops/lm_head.py): no [T, V/TP]
+    # logits or logit gradient in the policy update and the old-log-prob pass; same values.
+    fused_lm_head: bool = True
+    lm_head_chunk_tokens: Optional[int] = None  # tokens per tile (None: square tiles, ~256 MiB fp32 on CUDA, 32 MiB on CPU)
     # Abort after this many consecutive RL steps in which no group had reward variance (a policy
     # that diverged, or a solved task: no gradient left); 0 disables.
     max_steps_without_variance: int = 10
     # Seed of the RL phase (prompt order, rollout sampling); the warm start depends only on the
     # top-level seed, so runs that differ here share one cached warm start.
     seed: int = 0
+
+    def __post_init__(self):
+        if self.lm_head_chunk_tokens is not None and self.lm_head_chunk_tokens < 1:
+            raise ValueError(f"algo.lm_head_chunk_tokens must be >= 1 or null, got {self.lm_head_chunk_tokens}")
 
 
 @dataclass

@@ -229,3 +229,12 @@ def test_secrets_never_in_the_batch_script(nemo, tmp_path, monkeypatch):
     assert '--api-key "$DGPO_SGLANG_API_KEY"' in server and "--enable-deterministic-inference" in server
     assert "secrets.token_urlsafe" in next(v for k, v in files.items() if k.endswith("_sbatch.sh"))
     assert spec.mask_secrets("token=abc123 x", {"MY_TOKEN": "abc123", "PLAIN": "x"}) == "token=*** x"
+
+
+def test_slurm_plan_refuses_a_layout_that_cannot_fit(nemo):
+    """TP2 x PP7 (valid for the model) on 2 nodes x 8 GPUs renders no job: refused before
+    submission, naming the keys."""
+    gpu = str(REPO / "examples" / "configs" / "r1_distill_qwen_1p5b.yaml")
+    over = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=7"]
+    with pytest.raises(ValueError, match="= 14 does not divide the 16 trainer GPUs"):
+        nemo.plan_slurm(gpu, over, _slurm(), check_paths=False)

@@ -20,8 +20,9 @@ and an all_gather of which rank holds which parameter):
    buffer: one copy per byte, no whole-model staging. With ``target_tp=k`` it writes k buffers, the
    j-th holding inference TP rank j's shards (see `transforms.inference_region`).
 3. The source appends a checksum (two int64 words over the payload bytes, seeded by the bucket
-   index, the receiver slot and the weight version: see `payload_checksum`) and sends the buffer: a broadcast to {source} + receivers
-   (``target_tp=None``), or point-to-point to receiver j (``target_tp=k``).
+   index, the receiver slot and the weight version: see `payload_checksum`) and sends the buffer:
+   a broadcast to {source} + receivers (``target_tp=None``), or point-to-point to receiver j
+   (``target_tp=k``).
 4. Each receiver verifies the checksum (`WeightSyncIntegrityError` on mismatch) and gets a
    `WeightBucket` whose tensors are views into the received buffer.
 
