@@ -23,7 +23,8 @@ $(VENV)/.installed-test: $(VENV)/.installed tests/requirements-sglang-cpu.txt te
 
 setup: $(VENV)/.installed
 
-# The main job on the embedded default: tiny Qwen2-shaped model, arithmetic task, TP=2 on 2 CPU processes.
+# The main job on the embedded default: tiny Qwen2-shaped model, arithmetic task, data parallel on 2 CPU
+# processes of 1 thread each (the fastest layout measured on 2 cores; README "Layout of the demo").
 demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 examples/train_dgpo.py --config examples/configs/embedded_cpu.yaml --overwrite
 

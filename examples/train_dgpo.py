@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 
 # Expected on a CPU machine (no Apex / Transformer Engine / CUDA): said once in the README rather
@@ -22,6 +23,9 @@ for _msg in ("Transformer Engine and Apex are not installed", "Apex is not insta
 from megatron_dgpo.config import TrainConfig  # noqa: E402
 from megatron_dgpo.configio import ConfigError, format_config, load_config  # noqa: E402
 from megatron_dgpo.data.prompts import MalformedRowError  # noqa: E402
+from megatron_dgpo.checkpoint import CheckpointError  # noqa: E402
+from megatron_dgpo.checkpoint_trust import CheckpointIntegrityError, UntrustedCheckpointError  # noqa: E402
+from megatron_dgpo.weight_sync.hf_io import CheckpointError as HFCheckpointError  # noqa: E402
 from megatron_dgpo.rl.guard import NonFiniteWeightsError, PolicyCollapsed, TooManySkippedSteps  # noqa: E402
 
 
@@ -51,14 +55,19 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         return _main(argv, rank)
-    except (ConfigError, MalformedRowError) as e:  # bad input: one line, once, exit 2 (nothing was written)
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except (ConfigError, MalformedRowError, CheckpointError, CheckpointIntegrityError, UntrustedCheckpointError,
+            HFCheckpointError) as e:  # bad input: one line, once, exit 2 (nothing was written)
+        return _fail(rank, f"error: {e}", 2)
     except (TooManySkippedSteps, NonFiniteWeightsError, PolicyCollapsed) as e:  # the run aborted itself
-        if rank == 0:
-            print(f"aborted: {e}", file=sys.stderr, flush=True)
-        return 3
+        return _fail(rank, f"aborted: {e}", 3)
+
+
+def _fail(rank: int, line: str, code: int) -> int:
+    if rank == 0:
+        print(line, file=sys.stderr, flush=True)
+    else:  # torchrun stops every worker once one exits: let rank 0 print first
+        time.sleep(2.0)
+    return code
 
 
 def _main(argv, rank: int) -> int:

@@ -107,7 +107,8 @@ def _safe_torch_load(value):
         with torch.serialization.safe_globals(_rng_safe_globals()):
             return torch.load(value, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise _refuse(f"a checkpoint object (ShardedObject bytes) failed the weights_only check: {str(e)[:300]}") from None
+        raise _refuse("a checkpoint object (ShardedObject bytes) failed the weights_only check: "
+                      f"{str(e)[:300]}") from None
 
 
 def _safe_load_bytes(self, read_item, value) -> None:

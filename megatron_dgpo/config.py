@@ -24,6 +24,10 @@ class ParallelConfig:
     # varlen_attn in the local spec (model/attention.py), te = Transformer Engine's (TE spec);
     # auto = te with transformer_engine, local otherwise.
     attention_backend: Literal["auto", "local", "sdpa", "te"] = "auto"
+    # Uneven pipeline stages (Megatron-Core's split): layers on the first / last stage; the other
+    # stages share the rest equally. None: every stage holds num_layers / PP.
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
 
     def __post_init__(self):
         from megatron_dgpo.model.builder import resolve_attention_backend
@@ -113,15 +117,26 @@ class AlgoConfig:
     pack_sequences: bool = False
     advantage: Literal["grpo", "drgrpo"] = "grpo"
     filter_zero_variance: bool = True
-    old_logp_source: Literal["trainer", "rollout"] = "trainer"
+    # auto: the rollout engine's log-probs where they are the trainer's numbers (embedded engine,
+    # fp32 trainer), a trainer forward otherwise (SGLang, bf16); see rl/old_logp.py. An on-policy
+    # update (mini_batches 1, epochs 1, no tis_cap) uses its own forward's, whatever the source.
+    old_logp_source: Literal["auto", "trainer", "rollout"] = "auto"
     tis_cap: Optional[float] = None  # truncated IS correction min(pi_old / pi_rollout, cap)
     max_skipped_steps: int = 3  # abort after this many non-finite updates
+    # LM head + log-prob + entropy fused on the last pipeline stage (ops/lm_head.py): no [T, V/TP]
+    # logits or logit gradient in the policy update and the old-log-prob pass; same values.
+    fused_lm_head: bool = True
+    lm_head_chunk_tokens: Optional[int] = None  # tokens per tile (None: square tiles, ~256 MiB fp32 on CUDA, 32 MiB on CPU)
     # Abort after this many consecutive RL steps in which no group had reward variance (a policy
     # that diverged, or a solved task: no gradient left); 0 disables.
     max_steps_without_variance: int = 10
     # Seed of the RL phase (prompt order, rollout sampling); the warm start depends only on the
     # top-level seed, so runs that differ here share one cached warm start.
     seed: int = 0
+
+    def __post_init__(self):
+        if self.lm_head_chunk_tokens is not None and self.lm_head_chunk_tokens < 1:
+            raise ValueError(f"algo.lm_head_chunk_tokens must be >= 1 or null, got {self.lm_head_chunk_tokens}")
 
 
 @dataclass

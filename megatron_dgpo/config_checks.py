@@ -117,16 +117,63 @@ def check_train_config(cfg) -> None:
                          f"(algo.prompts_per_step x rollout.group_size)")
     if cfg.eval.samples_per_prompt > 1 and cfg.eval.temperature == 0:
         raise ValueError("eval.samples_per_prompt > 1 needs eval.temperature > 0 (greedy samples are identical)")
-    check_model_layout(m, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    check_model_layout(m, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                       p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage)
 
 
-def check_model_layout(model, tp: int, pp: int) -> None:
-    """TP must divide the attention heads and the KV heads, PP the layers (Megatron's even split)."""
-    if model.num_attention_heads % tp or model.num_query_groups % tp:
-        raise ValueError(f"parallel.tensor_model_parallel_size={tp} must divide model.num_attention_heads="
-                         f"{model.num_attention_heads} and model.num_query_groups={model.num_query_groups}")
-    if model.num_layers % pp:
-        raise ValueError(f"parallel.pipeline_model_parallel_size={pp} must divide model.num_layers={model.num_layers}")
+_PARALLEL_KEYS = dict(tp="parallel.tensor_model_parallel_size", pp="parallel.pipeline_model_parallel_size",
+                     first="parallel.num_layers_in_first_pipeline_stage",
+                     last="parallel.num_layers_in_last_pipeline_stage", vpp="virtual_pipeline_model_parallel_size")
+
+
+def check_model_layout(model, tp: int, pp: int, first: Optional[int] = None, last: Optional[int] = None,
+                       vpp: Optional[int] = None, keys: Optional[dict] = None) -> None:
+    """What Megatron-Core accepts, as one ValueError naming the keys (`keys`: names of tp, pp, first,
+    last, vpp for the message, default the TrainConfig's dotted keys):
+
+    TP divides the attention heads, and TP divides the KV heads or is a multiple of them (fewer KV
+    heads than TP: Megatron-Core gives each rank a copy of its group's k/v); the layers split over
+    PP stages as `pipeline_stage_layers` says.
+    """
+    k = dict(_PARALLEL_KEYS, **(keys or {}))
+    ng = model.num_query_groups
+    if model.num_attention_heads % tp or (ng % tp and tp % ng):
+        raise ValueError(f"{k['tp']}={tp} must divide model.num_attention_heads={model.num_attention_heads}, and "
+                         f"divide or be a multiple of model.num_query_groups={ng}")
+    pipeline_stage_layers(model.num_layers, pp, first, last, vpp, keys=k)
+
+
+def pipeline_stage_layers(num_layers: int, pp: int, first: Optional[int] = None, last: Optional[int] = None,
+                          vpp: Optional[int] = None, keys: Optional[dict] = None) -> list:
+    """Decoder layers per pipeline stage, by Megatron-Core's rule (TransformerConfig.__post_init__):
+    the first / last stage hold `first` / `last` layers when given, the other stages an equal share."""
+    k = dict(_PARALLEL_KEYS, **(keys or {}))
+    if first is None and last is None:
+        if num_layers % pp:
+            raise ValueError(f"{k['pp']}={pp} must divide model.num_layers={num_layers}, or set {k['first']} / "
+                             f"{k['last']} (uneven stages)")
+        counts = [num_layers // pp] * pp
+    else:
+        if pp < 2:
+            raise ValueError(f"{k['first']} / {k['last']} need {k['pp']} >= 2")
+        for key, v in ((k["first"], first), (k["last"], last)):
+            if v is not None and v < 1:
+                raise ValueError(f"{key}={v} must be >= 1")
+        fixed = [x for x in (first, last) if x is not None]
+        middle, rest = pp - len(fixed), num_layers - sum(fixed)
+        if rest < 0 or bool(middle) != bool(rest) or (middle and rest % middle):
+            raise ValueError(f"model.num_layers={num_layers} with {k['first']}={first}, {k['last']}={last} leaves "
+                             f"{rest} layers for {middle} other stage(s) of {k['pp']}={pp}: they must split evenly, "
+                             f"at least one layer each")
+        share = rest // middle if middle else 0
+        counts = [share] * pp
+        if first is not None:
+            counts[0] = first
+        if last is not None:
+            counts[-1] = last
+    if vpp and vpp > 1 and any(c % vpp for c in counts):
+        raise ValueError(f"{k['vpp']}={vpp} must divide the layers of every pipeline stage ({counts})")
+    return counts
 
 
 def check_world_size(cfg, world_size: int) -> None:

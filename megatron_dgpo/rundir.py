@@ -89,7 +89,8 @@ def _decide(out: Path, ckpt_root: Path, resume: bool, overwrite: bool) -> tuple[
                           "to continue it or --overwrite to replace it")
     if existing:
         shutil.rmtree(ckpt_root, ignore_errors=True)
-        return None, f"--overwrite: removed the checkpoints of the earlier run in {out}"
+        shutil.rmtree(out / "tb", ignore_errors=True)  # its TensorBoard events would mix with ours
+        return None, f"--overwrite: removed the checkpoints and TensorBoard events of the earlier run in {out}"
     return None, ""
 
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from megatron_dgpo.advantage import group_advantages, tis_weights
 from megatron_dgpo.config import TrainConfig
-from megatron_dgpo.rl import rollout_stage
+from megatron_dgpo.rl import old_logp, rollout_stage
 from megatron_dgpo.rl.engines import EngineMemory, build_engine, sync_weights
 from megatron_dgpo.rl.evaluate import evaluate
 from megatron_dgpo.rl.guard import CollapseMonitor, TooManySkippedSteps, require_finite_weights  # noqa: F401
@@ -96,6 +96,8 @@ class RLTrainer:
         self.sampling = SamplingParams(n=ro.group_size, temperature=ro.temperature, top_p=ro.top_p,
                                        top_k=ro.top_k, max_new_tokens=ro.max_new_tokens)
         self.temperature = self.sampling.logprob_temperature
+        self.old_logp_plan = old_logp.plan(cfg)  # on_policy | rollout | trainer
+        self.say(old_logp.describe(cfg))
 
     def sync(self, version: int) -> None:
         require_finite_weights(self.policy.chunks, f"before the weight sync of version {version}")
@@ -136,11 +138,11 @@ class RLTrainer:
         else:
             self.engine_memory.release()
             batch = build_batch(ro, adv, keep, self.pad_id, multiple=_dp_size() * algo.mini_batches)
-            t1 = time.perf_counter()
             self.stage_memory.begin("old_logp")
-            batch, gap = _with_old_logp(self.policy, batch, cfg, self.temperature)
+            batch, gap, row["old_logp_s"] = old_logp.with_old_logp(self.policy, batch, self.old_logp_plan,
+                                                                   self.temperature)
             self.stage_memory.end()
-            row["old_logp_s"] = time.perf_counter() - t1
+            row["old_logp_source"] = self.old_logp_plan
             if algo.tis_cap is not None:
                 w = tis_weights(batch.old_logp, batch.rollout_logp, cap=algo.tis_cap)
                 batch = dataclasses.replace(batch, advantages=batch.advantages[:, None] * w)
@@ -149,6 +151,8 @@ class RLTrainer:
             for _ in range(algo.epochs):
                 updates += self.policy.update(batch, temperature=self.temperature, lr=cfg.optim.lr)
             self.stage_memory.end()
+            if math.isnan(gap) and updates:  # not recomputed: the first update ran on the rollout's weights
+                gap = updates[0].get("rollout_logp_abs_diff", gap)
             row.update(_merge_updates(updates), train_rollout_logp_gap=gap, update_s=time.perf_counter() - t1)
             row["update_tokens_per_s"] = row.get("tokens", 0.0) / max(row["update_s"], 1e-9)
             if not math.isfinite(row.get("loss", float("nan"))) or row.get("update_successful", 1.0) < 1:
@@ -229,18 +233,6 @@ class RLTrainer:
 
 def run(cfg: TrainConfig, log=print) -> dict:
     return RLTrainer(cfg, log).run()
-
-
-def _with_old_logp(policy, batch, cfg, temperature):
-    """Old log-probs (trainer recompute or the rollout's) and the train-vs-rollout gap: the mean
-    |log pi_train - log pi_rollout| over response tokens under the same weights, which measures
-    the numerical mismatch between the two engines (0 up to rounding when they agree)."""
-    if cfg.algo.old_logp_source == "rollout":
-        return batch.with_old_logp(batch.rollout_logp), float("nan")
-    old = policy.logprobs(batch, temperature)
-    mask = batch.loss_mask
-    gap = float(((old - batch.rollout_logp).abs() * mask).sum() / mask.sum().clamp(min=1))
-    return batch.with_old_logp(old), gap
 
 
 def _merge_updates(updates: list[dict]) -> dict:

@@ -20,7 +20,8 @@ BAD = ["algo.mini_batches=0", "algo.epochs=0", "optim.clip_grad=nan", "optim.lr=
        "warmstart.sft_steps=-5", "reward.timeout_s=nan", "reward.timeout_s=inf", "loss.dgpo_n=nan",
        "loss.dgpo_m=nan", "loss.ce_beta1=nan", "loss.ce_beta2=.nan", "algo.micro_batch_size=0",
        "rollout.top_k=0", "optim.adam_beta2=1.0", "parallel.tensor_model_parallel_size=3",
-       "algo.max_skipped_steps=0", "algo.mini_batches=1000"]
+       "algo.max_skipped_steps=0", "algo.mini_batches=1000", "algo.old_logp_source=foo",
+       "parallel.num_layers_in_first_pipeline_stage=1", "parallel.num_layers_in_last_pipeline_stage=0"]
 
 
 @pytest.mark.parametrize("override", BAD)
@@ -65,7 +66,7 @@ def test_entry_point_one_line_exit_2(tmp_path):
     assert not (tmp_path / "o").exists()  # before anything is built or written
     p = _run_main(["--config", str(tmp_path / "missing.yaml")])
     assert p.returncode == 2 and "missing.yaml" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
-    p = _run_main(["--config", CONFIG], world=3)  # TP=2 on 3 processes; rank 1 prints nothing
+    p = _run_main(["--config", CONFIG, "parallel.tensor_model_parallel_size=2"], world=3)  # TP=2 on 3 processes; rank 1 prints nothing
     assert p.returncode == 2 and p.stderr == "", p.stderr[-2000:]
 
 
@@ -78,8 +79,48 @@ def test_launcher_layout_check():
     with pytest.raises(ValueError, match="does not divide the 16 trainer GPUs"):
         check_layout(cfg, nodes=2, gpus_per_node=8)
     cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = 4, 1
-    with pytest.raises(ValueError, match="num_query_groups"):
+    check_layout(cfg, nodes=2, gpus_per_node=8)  # 2 KV heads at TP 4: Megatron-Core replicates them
+    cfg.parallel.tensor_model_parallel_size = 8  # 12 heads
+    with pytest.raises(ValueError, match="must divide model.num_attention_heads=12"):
         check_layout(cfg, nodes=2, gpus_per_node=8)
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = 1, 8  # 28 layers
+    with pytest.raises(ValueError, match="must divide model.num_layers=28, or set parallel.num_layers_in_first"):
+        check_layout(cfg, nodes=2, gpus_per_node=8)
+    cfg.parallel.num_layers_in_first_pipeline_stage = 7  # 7 + 7 x 3
+    check_layout(cfg, nodes=2, gpus_per_node=8)
+    cfg.parallel.num_layers_in_last_pipeline_stage = 4  # 28 - 11 = 17 over 6 stages
+    with pytest.raises(ValueError, match="leaves 17 layers for 6 other stage"):
+        check_layout(cfg, nodes=2, gpus_per_node=8)
+
+
+@pytest.mark.parametrize("layers,pp,first,last,want", [
+    (28, 4, None, None, [7, 7, 7, 7]), (28, 3, 10, None, [10, 9, 9]), (28, 3, None, 8, [10, 10, 8]),
+    (3, 2, 1, None, [1, 2]), (3, 2, None, 1, [2, 1]), (5, 3, 1, 2, [1, 2, 2]), (4, 2, 2, 2, [2, 2]),
+])
+def test_pipeline_stage_layers_matches_megatron(layers, pp, first, last, want):
+    """Our pre-build check agrees with Megatron-Core's own split (get_num_layers_to_build)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_dgpo.config_checks import pipeline_stage_layers
+
+    assert pipeline_stage_layers(layers, pp, first, last) == want
+    tc = TransformerConfig(num_layers=layers, hidden_size=8, num_attention_heads=2, pipeline_model_parallel_size=pp,
+                           num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
+                           pipeline_dtype=__import__("torch").float32)
+    assert [get_num_layers_to_build(tc, pp_rank=r) for r in range(pp)] == want
+
+
+@pytest.mark.parametrize("layers,pp,first,last,match", [
+    (28, 3, None, None, "must divide model.num_layers=28"), (3, 2, 2, 2, "leaves -1 layers"),
+    (7, 4, 1, 1, "leaves 5 layers for 2 other"), (4, 3, 2, 2, "leaves 0 layers for 1 other"),
+    (3, 1, 1, None, "need parallel.pipeline_model_parallel_size >= 2"), (3, 2, 0, None, "must be >= 1"),
+])
+def test_pipeline_stage_layers_refuses(layers, pp, first, last, match):
+    from megatron_dgpo.config_checks import pipeline_stage_layers
+
+    with pytest.raises(ValueError, match=match):
+        pipeline_stage_layers(layers, pp, first, last)
 
 
 # ----------------------------------------------------------------------------- HF import

@@ -55,6 +55,34 @@ def test_gpu_configs_load(name, hidden, heads, kv, ffn, vocab, tp):
     spec.validate(str(REPO / "examples" / "configs" / f"{name}.yaml"), [], serve, 8)
 
 
+@pytest.mark.parametrize("name,arch,layers,heads,kv,head_dim,tp,extra", [
+    ("qwen3_4b", "qwen3", 36, 32, 8, 128, 2, dict(tie_word_embeddings=True, rope_scaling=None)),
+    ("llama31_8b", "llama", 32, 32, 8, 128, 4, dict(
+        tie_word_embeddings=False, rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                     original_max_position_embeddings=8192))),
+])
+def test_qwen3_and_llama3_configs_validate(name, arch, layers, heads, kv, head_dim, tp, extra):
+    """Issue 14's example configs: the model fields Megatron needs, a layout the launcher's checks accept
+    on one 8-GPU node (the trainer's own checks run on load), and the HF config.json they imply."""
+    from megatron_dgpo.launch.layout_check import check_layout
+    from megatron_dgpo.weight_sync.layouts import get_layout
+
+    cfg = load_config(TrainConfig, REPO / "examples" / "configs" / f"{name}.yaml")
+    m = cfg.model
+    assert (m.arch, m.num_layers, m.num_attention_heads, m.num_query_groups, m.head_dim) == \
+        (arch, layers, heads, kv, head_dim)
+    assert not m.qkv_bias and m.qk_layernorm == (arch == "qwen3") and get_layout(m)
+    for k, v in extra.items():
+        assert getattr(m, k) == v, k
+    assert cfg.parallel.tensor_model_parallel_size == tp and cfg.parallel.params_dtype == "bfloat16"
+    check_layout(cfg, nodes=1, gpus_per_node=8)
+    hf = m.to_hf_config()
+    assert hf["head_dim"] == head_dim and (hf.get("rope_scaling") or {}).get("rope_type") == \
+        ("llama3" if extra["rope_scaling"] else None)
+    serve = SGLangServeSpec(nodes=1, servers_per_node=8 // cfg.rollout.sglang.tp_size)
+    spec.validate(str(REPO / "examples" / "configs" / f"{name}.yaml"), [], serve, 8)
+
+
 # ---------------------------------------------------------------- spec (no nemo-run)
 def test_validate_rejects_bad_override_before_submission():
     with pytest.raises(ConfigError, match="algo.stepz"):
@@ -229,3 +257,12 @@ def test_secrets_never_in_the_batch_script(nemo, tmp_path, monkeypatch):
     assert '--api-key "$DGPO_SGLANG_API_KEY"' in server and "--enable-deterministic-inference" in server
     assert "secrets.token_urlsafe" in next(v for k, v in files.items() if k.endswith("_sbatch.sh"))
     assert spec.mask_secrets("token=abc123 x", {"MY_TOKEN": "abc123", "PLAIN": "x"}) == "token=*** x"
+
+
+def test_slurm_plan_refuses_a_layout_that_cannot_fit(nemo):
+    """TP2 x PP7 (valid for the model) on 2 nodes x 8 GPUs renders no job: refused before
+    submission, naming the keys."""
+    gpu = str(REPO / "examples" / "configs" / "r1_distill_qwen_1p5b.yaml")
+    over = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=7"]
+    with pytest.raises(ValueError, match="= 14 does not divide the 16 trainer GPUs"):
+        nemo.plan_slurm(gpu, over, _slurm(), check_paths=False)

@@ -1,4 +1,4 @@
-"""The builder's GPTModel equals transformers' Qwen2ForCausalLM / LlamaForCausalLM (TP=1, fp32).
+"""The builder's GPTModel equals transformers' Qwen2 / Qwen3 / Llama (incl. Llama-3 rope scaling) (TP=1, fp32).
 
 Runs in the pytest process (world of one, gloo): weights are copied by hand, so this pins the
 architecture mapping (fused QKV per query group [q_g..., k_g, v_g], fc1 = [gate; up]).
@@ -36,6 +36,9 @@ def copy_hf_to_megatron(hf, model, cfg: ModelConfig):
             kb = a.k_proj.bias.view(ng, hd)
             vb = a.v_proj.bias.view(ng, hd)
             sd[p + "self_attention.linear_qkv.bias"] = torch.cat([qb, kb, vb], 1).reshape(-1)
+        if cfg.qk_layernorm:
+            sd[p + "self_attention.q_layernorm.weight"] = a.q_norm.weight
+            sd[p + "self_attention.k_layernorm.weight"] = a.k_norm.weight
         sd[p + "self_attention.linear_proj.weight"] = a.o_proj.weight
         sd[p + "input_layernorm.weight"] = layer.input_layernorm.weight
         sd[p + "pre_mlp_layernorm.weight"] = layer.post_attention_layernorm.weight
@@ -53,15 +56,25 @@ def copy_hf_to_megatron(hf, model, cfg: ModelConfig):
     assert not missing, missing
 
 
-@pytest.mark.parametrize("arch,tied", [("qwen2", False), ("llama", True)])
-def test_builder_matches_transformers(megatron_world, arch, tied):
+# Llama-3 rope scaling with a short original context so that all three frequency bands (kept,
+# smoothed, divided by factor) occur at head_dim 16 and the 17-token test length.
+LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("arch,tied,extra", [
+    ("qwen2", False, {}), ("llama", True, {}),
+    ("qwen3", False, dict(kv_channels=24)),  # head_dim independent of hidden / heads
+    ("llama", False, dict(rope_scaling=LLAMA3_SCALING)),
+    ("qwen2", False, dict(kv_channels=8)),  # head_dim != hidden / heads outside Qwen3 too
+], ids=["qwen2", "llama_tied", "qwen3", "llama3_rope_scaling", "qwen2_head_dim_8"])
+def test_builder_matches_transformers(megatron_world, arch, tied, extra):
     import transformers
 
     from megatron_dgpo.model.builder import build_gpt_model
 
     cfg = ModelConfig(arch=arch, vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4,
                       num_query_groups=2, ffn_hidden_size=96, rope_theta=5000.0, rms_norm_eps=1e-5,
-                      qkv_bias=arch == "qwen2", tie_word_embeddings=tied)
+                      qkv_bias=arch == "qwen2", tie_word_embeddings=tied, **extra)
     torch.manual_seed(0)
     hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
     hf_cfg._attn_implementation = "eager"
@@ -136,3 +149,22 @@ def test_pad_sequences_layout():
     assert b.dp_shard(1, 2).tokens.tolist() == [[7, 4, 0, 0, 0, 0, 0, 0]]
     with pytest.raises(ValueError, match="loss_mask"):
         type(b)(tokens=b.tokens, loss_mask=torch.ones_like(b.loss_mask), advantages=b.advantages)
+
+
+def test_llama3_rope_frequencies_match_transformers(megatron_world):
+    """Megatron's inv_freq equals transformers' llama3 rope init, for Llama 3.1's own parameters too."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_dgpo.model.builder import build_gpt_model
+
+    for scaling in (LLAMA3_SCALING, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=8192)):
+        cfg = ModelConfig(arch="llama", hidden_size=128, num_attention_heads=2, num_query_groups=1,
+                          rope_theta=500000.0, qkv_bias=False, rope_scaling=scaling)
+        hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
+        want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+        plain = 1.0 / (cfg.rope_theta ** (torch.arange(0, 64, 2).float() / 64))
+        got = build_gpt_model(cfg).rotary_pos_emb.inv_freq
+        assert not torch.allclose(want, plain)  # the scaling is active
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)

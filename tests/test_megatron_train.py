@@ -68,7 +68,7 @@ def _launch(reference, mode, nproc):
     return run_torchrun("megatron_train.py", nproc, "--ref", reference["dir"], "--mode", mode)
 
 
-_TWO = [f"{c}/{k}" for c in ("tp2", "pp2", "dp2") for k in
+_TWO = [f"{c}/{k}" for c in ("tp2", "pp2", "pp2_uneven_1_3", "dp2") for k in
         ["runs", "forward_logprobs", "final_weights"] +
         [f"step{s}/{m}" for s in range(C.STEPS) for m in ("loss", "grad_norm", "entropy", "ln_tokens",
                                                            "hp_tokens", "w_ln_mean", "rollout_logp_abs_diff")]]

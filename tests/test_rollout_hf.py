@@ -173,3 +173,31 @@ def test_cuda_engine_logprobs_and_release():
         e.generate(PROMPTS, sp)
     e.resume_memory()
     assert len(e.generate(PROMPTS, sp)) == 6
+
+
+@pytest.mark.parametrize("variant,over", [
+    ("qwen3", {}),
+    ("llama", dict(rope_theta=500000.0, rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                           original_max_position_embeddings=16))),
+], ids=["qwen3", "llama3_rope_scaling"])
+def test_embedded_engine_takes_the_weight_stream(tmp_path, variant, over):
+    """HF folder -> Megatron-layout state -> weight stream -> embedded engine built from
+    ModelConfig.to_hf_config(): the engine computes the source model's logits (Qwen3 q/k norms and
+    head_dim, Llama-3 rope scaling survive the config round trip)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "workers"))
+    from weight_sync_common import save_hf_model, tiny_config
+
+    from megatron_dgpo.weight_sync import HFCheckpoint, iter_hf_weights, megatron_state_from_hf
+
+    cfg = tiny_config(variant, **over)
+    src = save_hf_model(cfg, tmp_path / "hf", seed=5)
+    with HFCheckpoint(tmp_path / "hf") as ck:
+        assert ck.model_config() == cfg
+    eng = HFRolloutEngine.from_hf_config(cfg.to_hf_config(), init_seed=1, eos_token_ids=[EOS])
+    eng.update_weights(iter_hf_weights(megatron_state_from_hf(tmp_path / "hf"), cfg, bucket_bytes=20_000), 1)
+    ids = torch.tensor([[1, 5, 9, 33, 7, 2, 100, 150, 3, 4, 60, 61]])
+    with torch.no_grad():
+        torch.testing.assert_close(eng.model(input_ids=ids).logits, src(input_ids=ids).logits, rtol=0, atol=0)

@@ -515,3 +515,18 @@ def test_waiting_ranks_use_the_configured_timeout(monkeypatch):
     RS.generate(None, [[1]], SamplingParams(), distributed=False, wait_timeout_s=5000.0)
     RS.generate(None, [[1]], SamplingParams(), distributed=False, wait_timeout_s=5000.0)
     assert [(b, t.total_seconds()) for b, t in made] == [("gloo", 5000.0)] and sent == ["WG", "WG"]
+
+
+@needs_sglang
+def test_unknown_context_length_still_isolates_overlong_rows(server, monkeypatch):
+    """A server whose /v1/models cannot be read: no clamping, but a row SGLang refuses (HTTP 400
+    for the whole batch) still costs only that row."""
+    from megatron_dgpo.rollout.sglang_server import HTTPStatusError, Server
+
+    def no_models(self):
+        raise HTTPStatusError(f"{self.base_url}: GET /v1/models -> HTTP 404", 404)
+    monkeypatch.setattr(Server, "context_length", no_models)
+    ctx = server.tm.context_len
+    out = SGLangServerEngine(server.url, timeout_s=20).generate([[1] * 4, [2] * (ctx - 2)],
+                                                               SamplingParams(max_new_tokens=8))
+    assert [len(o.response_ids) for o in out] == [8, 0] and out[1].finish_reason == "abort"

@@ -209,7 +209,9 @@ def test_weight_broadcast_with_sglangs_receiving_code(tmp_path):
     try:
         urls = [port_q.get(timeout=240) for _ in procs]
         eng = SGLangServerEngine(urls, timeout_s=120, bucket_bytes=256)
-        eng.init_weights_update_group("127.0.0.1", free_port(), server_tp_size=1, backend="gloo")
+        # a group name of its own: torch refuses a name already used in this process
+        eng.init_weights_update_group("127.0.0.1", free_port(), server_tp_size=1, backend="gloo",
+                                      group_name=f"contract_test_{free_port()}")
         g = torch.Generator().manual_seed(0)
         model = [("model.embed_tokens.weight", torch.randn(16, 8, generator=g)),
                  ("model.layers.0.self_attn.qkv.weight", torch.randn(24, 8, generator=g)),

@@ -72,9 +72,9 @@ def test_vocab_pad_strip():
     assert p.shape == (8, 2) and torch.equal(p[5:], torch.zeros(3, 2)) and torch.equal(vocab_strip(p, 5), t)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_megatron_shards_reassemble_to_hf(hf_folder, tp):
-    """HF -> TP shards (sliced reads) -> pieces -> HF, for every rule, bit-exact."""
+    """HF -> TP shards (sliced reads) -> pieces -> HF, for every rule, bit-exact (TP 4, 8: fewer KV heads than TP)."""
     cfg, folder, sd = hf_folder
     with HFCheckpoint(folder) as ck:
         for layer, rule in iter_rule_instances(cfg):
@@ -87,6 +87,29 @@ def test_megatron_shards_reassemble_to_hf(hf_folder, tp):
                 out = torch.full_like(ref, float("nan"))
                 copy_pieces(out, Region(tuple(ref.shape)), ps)
                 assert torch.equal(out, ref), name
+
+
+@pytest.mark.parametrize("ng,tp", [(2, 2), (2, 4), (1, 4), (2, 8)])
+def test_qkv_shards_are_megatron_equal_splits(ng, tp):
+    """Megatron-Core's ColumnParallelLinear splits the TP=1 interleaved linear_qkv into t equal row blocks,
+    also when t > num_query_groups (its forward all-gathers them and picks each rank's group)."""
+    cfg = ModelConfig(arch="qwen2", hidden_size=32, num_attention_heads=8, num_query_groups=ng, qkv_bias=True)
+    rule = next(r for r in get_layout(cfg) if r.megatron.endswith("linear_qkv.weight"))
+    hd, H = cfg.head_dim, cfg.hidden_size
+    full = {n: torch.randn(rows * hd, H) for n, rows in zip(rule.hf_names(0), (8, ng, ng))}
+
+    def read(name, dim, start, stop):
+        return full[name] if dim is None else full[name].narrow(dim, start, stop - start)
+    want = qkv_interleave(*full.values(), ng).chunk(tp)
+    got = [megatron_shard_from_hf(rule, 0, cfg, tp, r, read) for r in range(tp)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_qkv_layout_refuses_indivisible_tp():
+    cfg = ModelConfig(arch="qwen2", hidden_size=48, num_attention_heads=6, num_query_groups=2)
+    rule = next(r for r in get_layout(cfg) if r.megatron.endswith("linear_qkv.weight"))
+    with pytest.raises(ValueError, match="one must divide the other"):
+        megatron_shard_from_hf(rule, 0, cfg, 3, 0, lambda *a: None)
 
 
 # ----------------------------------------------------------------------------- stream (no dist)
@@ -148,10 +171,10 @@ def test_buckets_respect_size_and_verify_detects_corruption(hf_folder):
 def test_stream_rejects_unknown_parameter(hf_folder):
     cfg, folder, _ = hf_folder
     mstate = megatron_state_from_hf(folder)
-    mstate["decoder.layers.0.self_attention.q_layernorm.weight"] = torch.ones(8)
-    with pytest.raises(WeightSyncError, match="q_layernorm"):
+    mstate["decoder.layers.0.mlp.linear_fc1.bias"] = torch.ones(8)
+    with pytest.raises(WeightSyncError, match="linear_fc1.bias"):
         WeightStreamer(mstate, cfg)
-    del mstate["decoder.layers.0.self_attention.q_layernorm.weight"]
+    del mstate["decoder.layers.0.mlp.linear_fc1.bias"]
     del mstate["decoder.layers.2.mlp.linear_fc2.weight"]
     with pytest.raises(WeightSyncError, match="decoder.layers.2.mlp.linear_fc2.weight"):
         WeightStreamer(mstate, cfg)
@@ -222,13 +245,17 @@ def test_bad_inputs(hf_folder, tmp_path):
     with pytest.raises(CheckpointError, match="gpt2"):
         HFCheckpoint(gpt2).model_config()
     # config features the Megatron model would silently ignore
-    for extra in ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, {"hidden_act": "gelu"},
-                  {"mlp_bias": True}):
-        d = tmp_path / f"cfg_{next(iter(extra))}"
+    # (llama3 rope scaling is supported, but only with all four of its parameters)
+    for i, (extra, match) in enumerate((
+            ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+            ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_parameters"),
+            ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"rope_scaling needs .* missing \['low_freq"),
+            ({"hidden_act": "gelu"}, "hidden_act"), ({"mlp_bias": True}, "mlp_bias"))):
+        d = tmp_path / f"cfg_{i}"
         d.mkdir()
         (d / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **extra}))
         (d / "model.safetensors").symlink_to(folder / "model.safetensors")
-        with pytest.raises(CheckpointError, match=next(iter(extra))):
+        with pytest.raises(CheckpointError, match=match):
             HFCheckpoint(d).model_config()
     # missing tensor / wrong shape: rewrite the checkpoint without / with a bad tensor
     victim = "model.layers.1.mlp.up_proj.weight"

@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     if args.sglang_url:
         from megatron_dgpo.rollout.sglang_engine import SGLangServerEngine
 
-        engine = SGLangServerEngine(args.sglang_url)
+        # servers launched by our jobs require the job's key (the launcher exports it)
+        engine = SGLangServerEngine(args.sglang_url, api_key=os.environ.get("DGPO_SGLANG_API_KEY") or None)
         backend = {"engine": "sglang", "urls": args.sglang_url}
     else:
         from transformers import AutoModelForCausalLM

@@ -7,7 +7,7 @@
 #
 # Stages: tests (GPU-marked tests; the CPU suite against this machine's megatron-core runs beside
 # them), job (the main job on one GPU, bf16, then --resume), sweep (Triton kernel block/warp
-# sweep), bench (bench_logprob and bench_weight_sync on CUDA).
+# sweep), bench (bench_logprob, bench_lm_head and bench_weight_sync on CUDA).
 #
 # Needs python3 with CUDA torch (the lent H100/H200 image has torch 2.11, Triton, pytest,
 # pytest-xdist, hypothesis, transformers, safetensors, tokenizers, pyyaml; not megatron-core or
@@ -59,7 +59,7 @@ cpu_pid=$!
 
 echo "== GPU-marked tests"
 timeout 300 python3 -m pytest -q -m "gpu or te" -p no:cacheprovider tests/test_ops_logprobs.py \
-  tests/test_megatron_cuda.py tests/test_megatron_fp8.py tests/test_rollout_hf.py || status=1
+  tests/test_megatron_cuda.py tests/test_megatron_fp8.py tests/test_rollout_hf.py tests/test_ops_lm_head.py || status=1
 echo "== loss library on CUDA (float32 / bfloat16 inputs)"
 python3 - <<'PY' || status=1
 import torch
@@ -96,6 +96,8 @@ if has bench; then
 echo "== bench_logprob (CUDA, bf16)"
 timeout 240 python3 tools/bench_logprob.py --device cuda --dtype bf16 \
   --methods dgpo_triton,dgpo_torch,naive,megatron || status=1
+echo "== bench_lm_head (CUDA, bf16, H=1536, V=151936, T=16384,65536)"
+timeout 240 python3 tools/bench_lm_head.py --device cuda || status=1
 echo "== bench_weight_sync (CUDA)"
 timeout 120 python3 tools/bench_weight_sync.py --device cuda --reps 3 || status=1
 fi

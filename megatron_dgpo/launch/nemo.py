@@ -109,7 +109,7 @@ def plan_slurm(config: Optional[str], overrides: Sequence[str], slurm: S.SlurmSp
                ) -> LaunchPlan:
     """Validate the config, then the Slurm task(s): trainer only, or trainer + SGLang servers.
     `check_paths=False` (dry runs) accepts the CHANGE_ME placeholders of the example configs."""
-    cfg = S.validate(config, overrides, serve, slurm.gpus_per_node, check_paths=check_paths)
+    cfg = S.validate(config, overrides, serve, slurm.gpus_per_node, check_paths=check_paths, nodes=slurm.nodes)
     run = _nemo_run()
     env = dict(S.DEFAULT_GPU_ENV)
     env.update(slurm.env_vars)

@@ -159,15 +159,20 @@ def unset_placeholders(cfg: TrainConfig, extra: Sequence[Optional[str]] = ()) ->
 
 
 def validate(config: Optional[str], overrides: Sequence[str], serve: Optional[SGLangServeSpec] = None,
-             gpus_per_node: int = 8, check_paths: bool = False) -> TrainConfig:
+             gpus_per_node: int = 8, check_paths: bool = False, nodes: Optional[int] = None) -> TrainConfig:
     """Load the config as the trainer will see it (with placeholder server URLs when disaggregated)
     and check what the launch itself depends on. `check_paths`: also refuse the CHANGE_ME
-    placeholders of the example configs (for a real submission; a dry run may keep them)."""
+    placeholders of the example configs (for a real submission; a dry run may keep them).
+    `nodes`: the trainer's node count; the parallel layout must then fit nodes x gpus_per_node."""
     overrides = list(overrides)
     if serve is not None:
         overrides = overrides + disagg_overrides(serve, gpus_per_node) + [
             "rollout.sglang.server_urls=[" + ",".join(placeholder_urls(serve)) + "]"]
     cfg = load_train_config(config, overrides)
+    if nodes is not None:
+        from megatron_dgpo.launch.layout_check import check_layout
+
+        check_layout(cfg, nodes, gpus_per_node)
     ro = cfg.rollout
     if serve is not None:
         if not (serve.model_path or cfg.warmstart.init_hf_path):

@@ -1,9 +1,11 @@
-"""Build Megatron-Core GPTModels for the Qwen2 / Llama family from a `ModelConfig`.
+"""Build Megatron-Core GPTModels for the Qwen2 / Qwen3 (dense) / Llama family from a `ModelConfig`.
 
 Architecture mapping (HF -> Megatron): RMSNorm (eps rms_norm_eps), SwiGLU MLP
 (`gated_linear_unit=True`, silu; fc1 = [gate; up]), RoPE (non-interleaved, base rope_theta),
 GQA (`num_query_groups`), q/k/v bias only (`add_qkv_bias`, all other linears bias-free),
-tied embeddings -> `share_embeddings_and_output_weights`, no dropout, vocab padded to
+tied embeddings -> `share_embeddings_and_output_weights`, Qwen3's per-head q/k RMSNorm ->
+`qk_layernorm` with `kv_channels` = head_dim, Llama 3.x rope scaling -> Megatron's `rope_scaling`
+(see `_apply_llama3_rope_scaling`), no dropout, vocab padded to
 `model_cfg.padded_vocab_size(tp)` (the padding rows are real parameters; the train step masks
 their logits).
 
@@ -61,10 +63,14 @@ def _mp_sizes():
 
 
 def transformer_config(model_cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
-                       sequence_parallel: bool = False, fp8=None, **overrides):
+                       sequence_parallel: bool = False, fp8=None,
+                       num_layers_in_first_pipeline_stage: Optional[int] = None,
+                       num_layers_in_last_pipeline_stage: Optional[int] = None, **overrides):
     """The Megatron TransformerConfig for `model_cfg` in the current parallel layout.
 
     TP/PP/VPP sizes are read from `megatron.core.parallel_state` (1 if not initialised).
+    `num_layers_in_first/last_pipeline_stage`: Megatron's uneven pipeline split (the remaining
+    layers are divided evenly over the middle stages); None: all stages equal.
     `fp8` is an FP8Config, a dict, a recipe name, or None. `overrides` are applied last
     (e.g. `recompute_granularity="full"`).
     """
@@ -90,6 +96,7 @@ def transformer_config(model_cfg: ModelConfig, *, params_dtype: torch.dtype = to
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model_cfg.qkv_bias,
+        qk_layernorm=model_cfg.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
@@ -115,6 +122,8 @@ def transformer_config(model_cfg: ModelConfig, *, params_dtype: torch.dtype = to
         # a forward activation with a backward gradient of the same shape (wrong losses in the
         # interleaved schedule, crashes with 4 ranks). Unbatched, ordered p2p is exact.
         batch_p2p_comm=not on_cpu,
+        num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=num_layers_in_last_pipeline_stage,
     )
     if fp8_cfg is not None:
         kwargs.update(fp8_cfg.transformer_config_kwargs())
@@ -136,22 +145,25 @@ def layer_spec(config, transformer_impl: str = "local", vp_stage: Optional[int] 
                 "transformer_impl='transformer_engine' needs Transformer Engine, which is not "
                 f"importable. Install it with: {TE_INSTALL_HINT}, or use transformer_impl='local'.")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=None, moe_grouped_gemm=False, qk_layernorm=False)
+            num_experts=None, moe_grouped_gemm=False, qk_layernorm=bool(config.qk_layernorm))
 
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                               get_num_layers_to_build)
 
+    qk_norm = bool(config.qk_layernorm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
-        num_experts=None, moe_grouped_gemm=False, qk_layernorm=False, normalization="RMSNorm")
+        num_experts=None, moe_grouped_gemm=False, qk_layernorm=qk_norm, normalization="RMSNorm")
     spec = copy.copy(spec)
     spec.submodules = dataclasses.replace(
         spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm)
+    attn = copy.copy(spec.submodules.self_attention)
+    if qk_norm:  # Apex-free per-head RMSNorm (the local spec would pick Apex / WrappedTorchNorm)
+        attn.submodules = dataclasses.replace(attn.submodules, q_layernorm=TorchNorm, k_layernorm=TorchNorm)
     if backend == "sdpa":
         from megatron_dgpo.model.attention import SDPAttention
 
-        attn = copy.copy(spec.submodules.self_attention)
         attn.submodules = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
-        spec.submodules = dataclasses.replace(spec.submodules, self_attention=attn)
+    spec.submodules = dataclasses.replace(spec.submodules, self_attention=attn)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=TorchNorm)
 
@@ -185,6 +197,8 @@ def build_gpt_model(model_cfg: ModelConfig, *, pre_process: Optional[bool] = Non
     post_process = True if post_process is None else post_process
 
     extra = {"vp_stage": vp_stage} if vp_stage is not None else {}
+    if model_cfg.rope_scaling is not None:
+        extra.update(rope_scaling=True, rope_scaling_factor=model_cfg.rope_scaling["factor"])
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, transformer_impl, vp_stage=vp_stage,
@@ -200,11 +214,34 @@ def build_gpt_model(model_cfg: ModelConfig, *, pre_process: Optional[bool] = Non
         rotary_base=model_cfg.rope_theta,
         **extra,
     )
+    if model_cfg.rope_scaling is not None:
+        _apply_llama3_rope_scaling(model, model_cfg)
     model.model_cfg = model_cfg  # handy for the train step / converters
     if move_to_device:
         from megatron_dgpo.distributed import device
         model.to(device())
     return model
+
+
+def _apply_llama3_rope_scaling(model, model_cfg: ModelConfig) -> None:
+    """Llama 3.x RoPE frequencies with all four HF parameters.
+
+    Megatron-Core (0.16 to 0.20) exposes only `rope_scaling_factor` and hard-codes
+    low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192 (Llama 3.1-3.3's
+    values). Its `RotaryEmbedding._apply_scaling` takes all four, so the frequencies are recomputed
+    from the unscaled ones with the config's values (identical to Megatron's for the defaults).
+    Must run before the first forward (RotaryEmbedding.forward is lru-cached).
+    """
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None:
+        return
+    dim = model.config.kv_channels
+    inv = rope.inv_freq
+    base = 1.0 / (model_cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=inv.device) / dim))
+    r = model_cfg.rope_scaling
+    rope.inv_freq = rope._apply_scaling(base, factor=r["factor"], low_freq_factor=r["low_freq_factor"],
+                                        high_freq_factor=r["high_freq_factor"],
+                                        original_max_position_embeddings=r["original_max_position_embeddings"])
 
 
 def _is_first_stage(vp_stage):
@@ -224,8 +261,12 @@ def _is_last_stage(vp_stage):
 def build_model_chunks(model_cfg: ModelConfig, *, transformer_impl: str = "local", fp8=None,
                        params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                        wrap_ddp: bool = False, ddp_config=None, overrides: Optional[dict] = None,
-                       attention_backend: Optional[str] = None) -> List[torch.nn.Module]:
+                       attention_backend: Optional[str] = None,
+                       num_layers_in_first_pipeline_stage: Optional[int] = None,
+                       num_layers_in_last_pipeline_stage: Optional[int] = None) -> List[torch.nn.Module]:
     """The list of model chunks of this pipeline rank (one per virtual stage), on the device.
+
+    `num_layers_in_first/last_pipeline_stage`: uneven pipeline split (see `transformer_config`).
 
     With `wrap_ddp=True` each chunk is wrapped in megatron.core.distributed.DistributedDataParallel
     (`ddp_config`: a DistributedDataParallelConfig or a dict of its fields; defaults: fp32 grad
@@ -233,8 +274,10 @@ def build_model_chunks(model_cfg: ModelConfig, *, transformer_impl: str = "local
     """
     ps = _ps()
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else None
-    config = transformer_config(model_cfg, params_dtype=params_dtype,
-                                sequence_parallel=sequence_parallel, fp8=fp8, **(overrides or {}))
+    config = transformer_config(model_cfg, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                                fp8=fp8, num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
+                                num_layers_in_last_pipeline_stage=num_layers_in_last_pipeline_stage,
+                                **(overrides or {}))
     stages = [None] if not vpp or vpp == 1 else list(range(vpp))
     chunks = [build_gpt_model(model_cfg, transformer_impl=transformer_impl, fp8=fp8,
                               params_dtype=params_dtype, sequence_parallel=sequence_parallel,

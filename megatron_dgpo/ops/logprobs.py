@@ -124,6 +124,75 @@ def _store_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.copy_(a.mul_(b))
 
 
+def row_sums(chunk, shift, t_div, bx, be, out, local_t=None) -> None:
+    """For rows `chunk` [k, V/TP]: out[0] = sum exp(x), out[1] = x[target] (if local_t is given),
+    out[-1] = sum exp(x) * x (if out has 3 rows), x = chunk / temperature - shift, in float32
+    through the work buffers bx, be ([>= k, V/TP]). Where x = -inf (masked padding) exp(x) = 0 and
+    0 * -inf = NaN: nansum drops exactly those terms (0 * -inf := 0)."""
+    k = chunk.shape[0]
+    x = _shifted(chunk, shift, t_div, bx[:k])
+    if local_t is not None:
+        out[1] = x.gather(1, local_t.unsqueeze(1)).squeeze(1)
+    ex = torch.exp(x, out=be[:k])
+    out[0] = ex.sum(dim=-1)
+    if out.shape[0] == 3:
+        out[2] = torch.nansum(ex.mul_(x), dim=-1)
+
+
+def grad_coefs(g_logp, g_ent, ent, owned, temperature, n, dev):
+    """Per-token coefficients of d loss / d logits (see the module docstring):
+    grad_j = p_j * (coef_c + coef_y * y_j) + [j == target] * onehot, y_j = log p_j, all including
+    the 1 / temperature factor. Returns (coef_c [n, 1], coef_y [n, 1] or None, onehot [n] or None)."""
+    f32 = torch.float32
+    it = 1.0 / temperature
+    g1 = g_logp.reshape(-1).to(f32) if g_logp is not None else None
+    g2 = g_ent.reshape(-1).to(f32) if g_ent is not None else None
+    coef_c = torch.zeros(n, dtype=f32, device=dev)
+    coef_y = None
+    if g1 is not None:
+        coef_c -= g1
+    if g2 is not None:
+        coef_c -= g2 * ent
+        coef_y = ((-it) * g2).unsqueeze(1)
+    coef_c = (coef_c * it).unsqueeze(1)
+    onehot = torch.where(owned, g1 * it, torch.zeros_like(g1)) if g1 is not None else None
+    return coef_c, coef_y, onehot
+
+
+def grad_rows(out, chunk, lse, t_div, coef_c, coef_y, onehot, idx, by, bp) -> None:
+    """Write d loss / d logits of rows `chunk` [k, V/TP] into `out` (same shape, any float dtype),
+    from per-row lse, coefficients (grad_coefs, sliced to these rows) and local target ids `idx`
+    [k, 1]. Work buffers: bp [>= k, V/TP] float32 always; by likewise unless `out` is float32
+    (then `out` itself is the work buffer) or there is no entropy term (coef_y None)."""
+    k = chunk.shape[0]
+    dev = out.device
+    direct = out.dtype == torch.float32
+    if coef_y is None:
+        # grad = p * coef_c (+ one-hot): y and p share one buffer.
+        p = _shifted(chunk, lse, t_div, bp[:k]).exp_()
+        w_t = coef_c
+        p_t = p.gather(1, idx)
+        _store_product(out, p, w_t)
+    else:
+        y = _shifted(chunk, lse, t_div, out if direct else by[:k])
+        p = torch.exp(y, out=bp[:k])
+        w = torch.addcmul(coef_c, y, coef_y, out=y)  # coef_c + coef_y * y, in place
+        w_t = w.gather(1, idx)
+        p_t = p.gather(1, idx)
+        if direct:
+            w.mul_(p)  # w is `out` itself
+        else:
+            _store_product(out, w, p)
+    if onehot is not None:
+        # Target entry computed in float32 and rounded once (not bf16 + one-hot).
+        pw_t = torch.where(p_t > 0, p_t * w_t, torch.zeros_like(p_t))
+        # (index_put_, not scatter_: CPU scatter_ on bf16 makes a float32 copy of `out`.)
+        rows = torch.arange(k, device=dev)
+        out.index_put_((rows, idx.squeeze(1)), (pw_t + onehot.unsqueeze(1)).squeeze(1).to(out.dtype))
+    # Masked (-inf) entries: p = 0 but y = -inf gives 0 * inf = NaN; their gradient is 0.
+    out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _forward_triton(ctx, logits, flat, local_t, owned, group, world, temperature, with_entropy, lead):
     """Forward through the Triton kernels: one read of the logits, per-rank stats rescaled to the TP max."""
     from megatron_dgpo.ops import logprobs_triton as tk
@@ -145,14 +214,48 @@ def _forward_triton(ctx, logits, flat, local_t, owned, group, world, temperature
     return _finish_forward(ctx, stats, ref, logits, local_t, owned, with_entropy, lead)
 
 
-def _finish_forward(ctx, stats, shift, logits, local_t, owned, with_entropy, lead):
-    """Both backends: from the TP-summed per-token [S, x_t(, E)] relative to `shift` (S = sum of
-    exp(z - shift), x_t = z_target - shift, E = sum exp(z - shift) (z - shift)) to logp and entropy,
-    saving what backward needs: log p = z - lse with lse = shift + log S per token, and H."""
+def combine_partial_stats(m, s, e, group, world):
+    """Rescale one rank's (m, S, E) to the TP group's max and return (ref, S, E) before the SUM all-reduce.
+
+    ref is the global max (0 where it is -inf), identical on all ranks. With d = r_rank - ref:
+    S' = S e^d and E' = e^d (E + d S); a rank whose shard is all -inf has S = 0 and contributes 0.
+    """
+    r_local = m.masked_fill(m == -math.inf, 0.0)
+    if world == 1:
+        return r_local, s, e
+    mg = m.clone()
+    dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=group)
+    ref = mg.masked_fill(mg == -math.inf, 0.0)
+    s, e = rescale_stats(s, e, r_local, ref)
+    return ref, s, e
+
+
+def rescale_stats(s, e, r_from, r_to):
+    """(S, E) relative to reference r_from -> relative to r_to >= r_from: with d = r_from - r_to,
+    S' = S e^d and E' = e^d (E + d S) (sum_j e^(x_j - d') (x_j - d') expanded). d > 0 only where
+    the old part was all -inf (r_from = 0, S = E = 0): clamped to keep e^d finite."""
+    d = (r_from - r_to).clamp(max=0.0)
+    a = torch.exp(d)
+    if e is not None:
+        e = a * torch.where(s > 0, e + d * s, torch.zeros_like(e))
+    return s * a, e
+
+
+def logp_entropy_from_stats(stats, shift, with_entropy):
+    """From the TP-summed per-token [S, x_t(, E)] relative to `shift` (S = sum of exp(z - shift),
+    x_t = z_target - shift, E = sum exp(z - shift) (z - shift)) to (logp, entropy or None, lse):
+    log p = z - lse with lse = shift + log S per token."""
     log_s = stats[0].log()
     logp = stats[1] - log_s
     ent = (log_s - stats[2] / stats[0]) if with_entropy else None  # log S - sum_k p_k (z_k - shift)
-    ctx.save_for_backward(logits, local_t, owned, shift + log_s, ent)
+    return logp, ent, shift + log_s
+
+
+def _finish_forward(ctx, stats, shift, logits, local_t, owned, with_entropy, lead):
+    """Both backends: logp and entropy from the summed stats, saving what backward needs (the
+    logits, lse and H per token)."""
+    logp, ent, lse = logp_entropy_from_stats(stats, shift, with_entropy)
+    ctx.save_for_backward(logits, local_t, owned, lse, ent)
     return logp.view(lead), (ent.view(lead) if ent is not None else None)
 
 
@@ -198,13 +301,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         be = torch.empty(c, vl, dtype=f32, device=dev)
         for s in range(0, n, c):
             e = min(s + c, n)
-            k = e - s
-            x = _shifted(flat[s:e], m[s:e], t_div, bx[:k])
-            stats[1, s:e] = x.gather(1, local_t[s:e].unsqueeze(1)).squeeze(1)
-            ex = torch.exp(x, out=be[:k])
-            stats[0, s:e] = ex.sum(dim=-1)
-            if with_entropy:
-                stats[2, s:e] = torch.nansum(ex.mul_(x), dim=-1)
+            row_sums(flat[s:e], m[s:e], t_div, bx, be, stats[:, s:e], local_t[s:e])
         del bx, be
         stats[1] = torch.where(owned, stats[1], torch.zeros_like(stats[1]))
         if world > 1:
@@ -224,69 +321,35 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         dev = logits.device
         f32 = torch.float32
         t_div = None if temperature == 1.0 else torch.full((1, 1), temperature, dtype=f32, device=dev)
-        it = 1.0 / temperature
 
         # With y_j = log p_j = z_j - lse and H = -sum p log p:
         #   d logp / d z_j = 1[j=t] - p_j
         #   d H / d z_j    = -p_j (z_j - sum_k p_k z_k) = -p_j (y_j + H)
         # so dL/d logits_j = (p_j * (coef_c + coef_y * y_j) + 1[j=t] * g1) / T with per-token
         #   coef_c = -(g1 + g2 H),  coef_y = -g2.
-        g1 = g_logp.reshape(-1).to(f32) if g_logp is not None else None
-        g2 = g_ent.reshape(-1).to(f32) if g_ent is not None else None
-        coef_c = torch.zeros(n, dtype=f32, device=dev)
-        if g1 is not None:
-            coef_c -= g1
-        if g2 is not None:
-            coef_c -= g2 * ent
-            coef_y = ((-it) * g2).unsqueeze(1)
-        coef_c = (coef_c * it).unsqueeze(1)
-        onehot = torch.where(owned, g1 * it, torch.zeros_like(g1)) if g1 is not None else None
+        coef_c, coef_y, onehot = grad_coefs(g_logp, g_ent, ent, owned, temperature, n, dev)
         if ctx.backend == "triton":
             from megatron_dgpo.ops import logprobs_triton as tk
 
             if flat.stride(-1) != 1:
                 flat = flat.contiguous()
             grad = tk.row_grad(flat, lse, coef_c.squeeze(1).contiguous(),
-                               coef_y.squeeze(1).contiguous() if g2 is not None else torch.zeros_like(lse),
+                               coef_y.squeeze(1).contiguous() if coef_y is not None else torch.zeros_like(lse),
                                onehot if onehot is not None else torch.zeros_like(lse),
                                torch.where(owned, local_t, torch.full_like(local_t, -1)), temperature, logits.dtype)
             return (grad.view(logits.shape),) + (None,) * 8
         c = ctx.chunk
 
         grad = torch.empty((n, vl), dtype=logits.dtype, device=dev)
-        direct = grad.dtype == f32  # float32: work inside the gradient itself, one buffer fewer
         cc = max(1, min(c, n))
-        by = None if (direct or g2 is None) else torch.empty(cc, vl, dtype=f32, device=dev)
+        direct = grad.dtype == f32  # float32: work inside the gradient itself, one buffer fewer
+        by = None if (direct or coef_y is None) else torch.empty(cc, vl, dtype=f32, device=dev)
         bp = torch.empty(cc, vl, dtype=f32, device=dev)
         for s in range(0, n, cc):
             e = min(s + cc, n)
-            k = e - s
-            out = grad[s:e]
-            idx = local_t[s:e].unsqueeze(1)
-            if g2 is None:
-                # grad = p * coef_c (+ one-hot): y and p share one buffer.
-                p = _shifted(flat[s:e], lse[s:e], t_div, bp[:k]).exp_()
-                w_t = coef_c[s:e]
-                p_t = p.gather(1, idx)
-                _store_product(out, p, w_t)
-            else:
-                y = _shifted(flat[s:e], lse[s:e], t_div, out if direct else by[:k])
-                p = torch.exp(y, out=bp[:k])
-                w = torch.addcmul(coef_c[s:e], y, coef_y[s:e], out=y)  # coef_c + coef_y * y, in place
-                w_t = w.gather(1, idx)
-                p_t = p.gather(1, idx)
-                if direct:
-                    w.mul_(p)  # w is `out` itself
-                else:
-                    _store_product(out, w, p)
-            if onehot is not None:
-                # Target entry computed in float32 and rounded once (not bf16 + one-hot).
-                pw_t = torch.where(p_t > 0, p_t * w_t, torch.zeros_like(p_t))
-                # (index_put_, not scatter_: CPU scatter_ on bf16 makes a float32 copy of `out`.)
-                rows = torch.arange(k, device=dev)
-                out.index_put_((rows, idx.squeeze(1)), (pw_t + onehot[s:e].unsqueeze(1)).squeeze(1).to(out.dtype))
-            # Masked (-inf) entries: p = 0 but y = -inf gives 0 * inf = NaN; their gradient is 0.
-            out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            grad_rows(grad[s:e], flat[s:e], lse[s:e], t_div, coef_c[s:e],
+                      None if coef_y is None else coef_y[s:e], None if onehot is None else onehot[s:e],
+                      local_t[s:e].unsqueeze(1), by, bp)
         return (grad.view(logits.shape),) + (None,) * 8
 
 

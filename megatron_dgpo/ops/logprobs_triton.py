@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_dgpo.ops.logprobs import combine_partial_stats  # noqa: F401  (shared with the fused LM head)
+
 __all__ = ["row_stats", "combine_partial_stats", "row_grad", "block_size"]
 
 _MAX_BLOCK = 4096
@@ -126,27 +128,6 @@ def row_stats(flat: torch.Tensor, temperature: float, with_entropy: bool, block=
         return m, s, (e if with_entropy else None)
     _row_stats_kernel[(n,)](flat, flat.stride(0), m, s, e, vl, float(temperature), WITH_ENT=with_entropy, **kw)
     return m, s, (e if with_entropy else None)
-
-
-def combine_partial_stats(m, s, e, group, world):
-    """Rescale one rank's (m, S, E) to the TP group's max and return (ref, S, E) before the SUM all-reduce.
-
-    ref is the global max (0 where it is -inf), identical on all ranks. With d = r_rank - ref:
-    S' = S e^d and E' = e^d (E + d S); a rank whose shard is all -inf has S = 0 and contributes 0.
-    """
-    import torch.distributed as dist
-
-    r_local = m.masked_fill(m == -math.inf, 0.0)
-    if world == 1:
-        return r_local, s, e
-    mg = m.clone()
-    dist.all_reduce(mg, op=dist.ReduceOp.MAX, group=group)
-    ref = mg.masked_fill(mg == -math.inf, 0.0)
-    d = (r_local - ref).clamp(max=0.0)  # > 0 only for an all -inf shard (r = 0, S = E = 0): keep e^d finite
-    a = torch.exp(d)
-    if e is not None:
-        e = a * torch.where(s > 0, e + d * s, torch.zeros_like(e))
-    return ref, s * a, e
 
 
 def row_grad(flat, lse, coef_c, coef_y, onehot, target_local, temperature, out_dtype, block=None, num_warps=None):

@@ -31,14 +31,17 @@ class PolicyCollapsed(RuntimeError):
 
 
 def _local_nonfinite(model_chunks) -> list[str]:
-    bad = []
-    for i, chunk in enumerate(model_chunks):
-        for name, p in chunk.named_parameters():
-            # The sum of a tensor is non-finite iff some element is (or it overflows, which for a
-            # float32 sum of finite weights would mean |w| ~ 1e38 / n: broken too).
-            if not bool(torch.isfinite(p.detach().sum(dtype=torch.float32))):
-                bad.append(f"chunk{i}.{name}" if len(model_chunks) > 1 else name)
-    return bad
+    named = [(f"chunk{i}.{n}" if len(model_chunks) > 1 else n, p)
+             for i, chunk in enumerate(model_chunks) for n, p in chunk.named_parameters()]
+    if not named:
+        return []
+    # The sum of a tensor is non-finite iff some element is (or it overflows, which for a float32
+    # sum of finite weights would mean |w| ~ 1e38 / n: broken too). One host sync for all of them.
+    sums = torch.stack([p.detach().sum(dtype=torch.float32) for _, p in named])
+    ok = torch.isfinite(sums)
+    if bool(ok.all()):
+        return []
+    return [name for (name, _), good in zip(named, ok.tolist()) if not good]
 
 
 def weights_finite(model_chunks) -> tuple[bool, list[str]]:

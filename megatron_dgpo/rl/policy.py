@@ -32,7 +32,9 @@ class Policy:
         self.chunks = build_model_chunks(
             cfg.model, transformer_impl=par.transformer_impl, fp8=_fp8(cfg),
             params_dtype=DTYPES[par.params_dtype], sequence_parallel=par.sequence_parallel,
-            wrap_ddp=True, ddp_config=ddp, attention_backend=par.attention_backend)
+            wrap_ddp=True, ddp_config=ddp, attention_backend=par.attention_backend,
+            num_layers_in_first_pipeline_stage=par.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=par.num_layers_in_last_pipeline_stage)
         o = cfg.optim
         self.optimizer = build_optimizer(
             self.chunks, lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
@@ -50,7 +52,7 @@ class Policy:
         rows = self._dp_rows(batch)
         local = batch.select(rows[ps.get_data_parallel_rank()]) if dp > 1 else batch
         logp, _ = forward_logprobs(self.chunks, local, micro_batch_size=self.micro_batch(local),
-                                   temperature=temperature, **self._layout())
+                                   temperature=temperature, **self._layout(), **self._lm_head())
         if dp > 1:
             parts = [torch.empty_like(logp) for _ in range(dp)]
             torch.distributed.all_gather(parts, logp.contiguous(), group=ps.get_data_parallel_group())
@@ -97,13 +99,17 @@ class Policy:
             local = mini.select(self._dp_rows(mini)[ps.get_data_parallel_rank()])
             metrics = train_step(self.chunks, self.optimizer, local, loss_cfg or self.cfg.loss,
                                  micro_batch_size=self.micro_batch(local), temperature=temperature, lr=lr,
-                                 **self._layout())
+                                 **self._layout(), **self._lm_head())
             out.append(metrics)
             # Decided per optimizer step: a step with finite gradients may still overflow the
             # weights (absurd lr); the next mini-batch, the sync and the save must not see them.
             require_finite_weights(self.chunks, f"after optimizer step {len(out)} (lr={metrics['lr']:g}, "
                                                 f"grad_norm={metrics['grad_norm']:g})")
         return out
+
+    def _lm_head(self) -> dict:
+        return dict(fused_lm_head=self.cfg.algo.fused_lm_head,
+                    lm_head_chunk_tokens=self.cfg.algo.lm_head_chunk_tokens)
 
     def micro_batch(self, batch: RolloutBatch) -> int:
         """The largest divisor of the batch size not above algo.micro_batch_size."""

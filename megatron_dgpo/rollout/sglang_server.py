@@ -187,7 +187,13 @@ class SGLangServerEngine(RolloutEngine):
     # ---- generation ----------------------------------------------------------------------------
     def _limits(self, server: Server, prompts: list[list[int]], sp: SamplingParams) -> list[int]:
         if server.base_url not in self._context_len:
-            self._context_len[server.base_url] = server.context_length()
+            try:
+                self._context_len[server.base_url] = server.context_length()
+            except (HTTPStatusError, KeyError, IndexError, TypeError, ValueError) as e:
+                # a server without /v1/models: no clamping; an over-long row is isolated on HTTP 400
+                log.warning("cannot read the context length of %s (%s); max_new_tokens is not clamped",
+                            server.base_url, e)
+                self._context_len[server.base_url] = 1 << 62
         ctx = self._context_len[server.base_url]
         return [min(sp.max_new_tokens, ctx - len(p)) for p in prompts]
 

@@ -17,7 +17,8 @@ Normalisation (exact, independent of TP, PP, DP size and the micro-batch split):
 Logits: GPTModel returns vocab-parallel logits `[B, S, V/TP]` when `labels=None` (it transposes
 its `[S, B, V/TP]` output); they are never gathered over the vocabulary: log-probs come from
 `megatron_dgpo.ops.vocab_parallel_logprobs`. Vocabulary padding rows (ids >= model_cfg.vocab_size)
-are masked to -inf so the distribution equals the unpadded model's.
+are masked to -inf so the distribution equals the unpadded model's. With `fused_lm_head` no
+logits exist: the output layer computes log-probs from the hidden states (train/lm_head.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 from megatron_dgpo.train import microbatch
 from megatron_dgpo.train.batch import RolloutBatch, shift_left
+from megatron_dgpo.train.lm_head import LMHead, fuse_next_forward, logprobs_from_output
 from megatron_dgpo.train.microbatch import MicroBatch
 
 __all__ = ["train_step", "forward_logprobs", "prepare_model_config"]
@@ -77,44 +79,25 @@ def _vocab_size_of(model_chunks) -> Optional[int]:
     return None if cfg is None else cfg.vocab_size
 
 
-def _mask_vocab_padding(logits: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
-    if vocab_size is None:
-        return logits
-    ps = _ps()
-    v_local = logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * v_local
-    lo = max(vocab_size - start, 0)
-    if lo < v_local:
-        logits[..., lo:] = float("-inf")  # logits is GPTModel's fresh transposed copy
-    return logits
-
-
-def _check_layout(logits: torch.Tensor, tokens: torch.Tensor):
-    if tuple(logits.shape[:2]) != tuple(tokens.shape):
-        raise RuntimeError(f"expected GPTModel logits [B, S, V/TP] for tokens {tuple(tokens.shape)}, "
-                           f"got {tuple(logits.shape)}")
-
-
-def _forward_step_func(loss_builder):
-    """Megatron forward step: one MicroBatch in, GPTModel's vocab-parallel logits out, and the
-    loss function `loss_builder(idx, micro_batch, logits)` for the schedule."""
+def _forward_step_func(loss_builder, head: Optional[LMHead] = None):
+    """Megatron forward step: one MicroBatch in, the model's output out (vocab-parallel logits, or
+    with a fused head [B, S, 1 or 2] log-prob/entropy), and `loss_builder(idx, micro_batch, out)`."""
     dev = _device()
 
     def forward_step(data_iterator, model):
         idx, mb = next(data_iterator)
+        fuse_next_forward(model, shift_left(mb.input_ids.to(dev)), head)  # no-op unless fused (last stage)
         out = model(**mb.model_inputs(dev))
         return out, functools.partial(loss_builder, idx, mb)
 
     return forward_step
 
 
-def _row_logprobs(mb: MicroBatch, logits: torch.Tensor, **kw):
-    """Prediction-aligned log-probs (and entropies) `[n, L]` of the micro-batch's rows from its
-    logits (padded `[n, L, V/TP]` or packed `[1, T, V/TP]`)."""
-    from megatron_dgpo.ops import vocab_parallel_logprobs
-
-    tokens = mb.input_ids.to(logits.device)
-    logp, ent = vocab_parallel_logprobs(logits, shift_left(tokens), **kw)
+def _row_logprobs(mb: MicroBatch, out: torch.Tensor, head: LMHead, logits_hook=None):
+    """Prediction-aligned log-probs (and entropies) `[n, L]` of the micro-batch's rows from the
+    model's output for it (padded `[n, L, ...]` or packed `[1, T, ...]`)."""
+    tokens = mb.input_ids.to(out.device)
+    logp, ent = logprobs_from_output(out, shift_left(tokens), head, logits_hook)
     if mb.packing is not None:
         logp = mb.packing.unpack(logp)
         ent = None if ent is None else mb.packing.unpack(ent)
@@ -238,7 +221,8 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
                lr: Optional[float] = None,
                logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None,
                max_tokens_per_micro_batch: int = 0, pack_sequences: bool = False,
-               pad_token_id: int = 0) -> Dict[str, float]:
+               pad_token_id: int = 0, fused_lm_head: bool = False,
+               lm_head_chunk_tokens: Optional[int] = None) -> Dict[str, float]:
     """Forward + backward of the policy loss over `batch` (this DP rank's share) and one
     optimizer step. Returns metrics reduced over DP, identical on every rank.
 
@@ -247,7 +231,8 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     (old = current, detached). The sequence dimension is padded to what SP / FP8 need.
     `logits_hook(micro_batch_index, logits)` is called on the last stage with the masked
     vocab-parallel logits; if it returns a tensor, that is used instead (tests return a clone
-    with a gradient hook to capture d loss / d logits).
+    with a gradient hook to capture d loss / d logits). `fused_lm_head`: log-probs straight from
+    the hidden states (train/lm_head.py, no logits; `logits_hook` needs the materialised path).
     `max_tokens_per_micro_batch` > 0 cuts the batch into token-budget micro-batches instead of
     `micro_batch_size` rows, `pack_sequences` packs each micro-batch into one THD row
     (`train.microbatch`; packing needs attention_backend sdpa or te).
@@ -293,14 +278,14 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     _check_batch_finite(batch)
     model_loss_cfg = dataclasses.replace(loss_cfg, check_finite=False)
 
-    def loss_builder(idx, micro: MicroBatch, logits):
-        _check_layout(logits, micro.input_ids)
-        logits = _mask_vocab_padding(logits, vocab_size)
-        if logits_hook is not None:
-            replaced = logits_hook(idx, logits)
-            logits = logits if replaced is None else replaced
-        logp, ent = _row_logprobs(micro, logits, temperature=temperature, with_entropy=compute_entropy,
-                                  chunk_size=chunk_size)
+    if fused_lm_head and logits_hook is not None:
+        raise ValueError("train_step: logits_hook needs the materialised LM head (fused_lm_head=False)")
+    head = LMHead(fused=fused_lm_head, temperature=temperature, with_entropy=compute_entropy,
+                  chunk_tokens=lm_head_chunk_tokens, logprob_chunk=chunk_size, vocab_size=vocab_size)
+
+    def loss_builder(idx, micro: MicroBatch, out):
+        hook = functools.partial(logits_hook, idx) if logits_hook is not None else None
+        logp, ent = _row_logprobs(micro, out, head, hook)
         mb = micro.rows
         mask = shift_left(mb.loss_mask, False).to(dev)
         old = logp.detach() if mb.old_logp is None else shift_left(mb.old_logp).to(dev)
@@ -322,7 +307,7 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    stats_list = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder),
+    stats_list = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder, head),
                            forward_only=False, config=config)
     if normalizer == 0:  # no loss token anywhere: Adam's momentum would still move the weights
         update_successful, grad_norm = True, 0.0
@@ -356,7 +341,8 @@ def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *
                      temperature: float = 1.0, with_entropy: bool = False,
                      vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
                      max_tokens_per_micro_batch: int = 0, pack_sequences: bool = False,
-                     pad_token_id: int = 0):
+                     pad_token_id: int = 0, fused_lm_head: bool = False,
+                     lm_head_chunk_tokens: Optional[int] = None):
     """Token-aligned log-probs `[B, S]` (and entropies) of `batch.tokens` without gradient.
 
     Runs the same pipeline schedule (forward only). Position 0 gets 0. The result is float32 on
@@ -377,18 +363,18 @@ def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *
     for c in model_chunks:
         c.eval()
 
-    def loss_builder(idx, micro: MicroBatch, logits):
-        _check_layout(logits, micro.input_ids)
-        logits = _mask_vocab_padding(logits, vocab_size)
-        logp, ent = _row_logprobs(micro, logits, temperature=temperature, with_entropy=with_entropy,
-                                  chunk_size=chunk_size)
+    head = LMHead(fused=fused_lm_head, temperature=temperature, with_entropy=with_entropy,
+                  chunk_tokens=lm_head_chunk_tokens, logprob_chunk=chunk_size, vocab_size=vocab_size)
+
+    def loss_builder(idx, micro: MicroBatch, model_out):
+        logp, ent = _row_logprobs(micro, model_out, head)
         out = {"logp": logp.float()}
         if ent is not None:
             out["entropy"] = ent.float()
         return torch.zeros((), device=dev), torch.ones((), dtype=torch.int, device=dev), out
 
     try:
-        outputs = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder),
+        outputs = _schedule(model_chunks, micro_batches, _forward_step_func(loss_builder, head),
                             forward_only=True, config=config)
     finally:
         for c, t in zip(model_chunks, was_training):

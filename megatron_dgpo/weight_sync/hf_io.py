@@ -86,10 +86,10 @@ class HFCheckpoint:
         unsupported = []
         rope = hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else rope
-        if rope_type not in (None, "default"):
+        if rope_type not in (None, "default", "llama3"):
             unsupported.append(f"rope_scaling={rope!r}")
         params = hf.get("rope_parameters") or {}
-        if isinstance(params, dict) and params.get("rope_type", "default") != "default":
+        if isinstance(params, dict) and params.get("rope_type", "default") not in ("default", "llama3"):
             unsupported.append(f"rope_parameters={params!r}")
         if hf.get("hidden_act", "silu") != "silu":
             unsupported.append(f"hidden_act={hf.get('hidden_act')!r}")

@@ -12,7 +12,7 @@ with `{i}` standing for the decoder layer index) to one or more Hugging Face ten
 * ``megatron_alt``: alternative Megatron names for the same tensor (the Transformer-Engine layer
   spec fuses the norms into the next linear: ``linear_qkv.layer_norm_weight`` and
   ``linear_fc1.layer_norm_weight``); a model built with either spec matches the table;
-* ``when``: an optional `ModelConfig` predicate (``"qkv_bias"``, ``"untied"``).
+* ``when``: an optional `ModelConfig` predicate (``"qkv_bias"``, ``"untied"``, ``"qk_layernorm"``).
 
 Adding an architecture whose tensors follow these rules is adding a table to `LAYOUTS`.
 """
@@ -61,13 +61,16 @@ class TensorRule:
             return cfg.qkv_bias
         if self.when == "untied":
             return not cfg.tie_word_embeddings
+        if self.when == "qk_layernorm":
+            return cfg.qk_layernorm
         raise ValueError(f"unknown predicate when={self.when!r}")
 
 
 _L = "decoder.layers.{i}."
 _H = "model.layers.{i}."
 
-# Qwen2 and Llama share the decoder layout; Qwen2 has q/k/v biases (config qkv_bias).
+# Qwen2, Qwen3 (dense) and Llama share the decoder layout; Qwen2 has q/k/v biases (config qkv_bias),
+# Qwen3 per-head q/k RMSNorms (config qk_layernorm; one [head_dim] weight shared by all heads).
 _DECODER_FAMILY: tuple[TensorRule, ...] = (
     TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", 0),
     TensorRule(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",),
@@ -78,6 +81,8 @@ _DECODER_FAMILY: tuple[TensorRule, ...] = (
     TensorRule(_L + "self_attention.linear_qkv.bias",
                (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"),
                "qkv", 0, when="qkv_bias"),
+    TensorRule(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",), when="qk_layernorm"),
+    TensorRule(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), when="qk_layernorm"),
     TensorRule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), "copy", 1),
     TensorRule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",),
                megatron_alt=(_L + "mlp.linear_fc1.layer_norm_weight",)),
@@ -90,6 +95,7 @@ _DECODER_FAMILY: tuple[TensorRule, ...] = (
 
 LAYOUTS: dict[str, tuple[TensorRule, ...]] = {
     "qwen2": _DECODER_FAMILY,
+    "qwen3": _DECODER_FAMILY,
     "llama": _DECODER_FAMILY,
 }
 
@@ -102,9 +108,10 @@ def get_layout(cfg: ModelConfig) -> tuple[TensorRule, ...]:
     """The rules that apply to this model (predicates evaluated)."""
     if cfg.arch not in LAYOUTS:
         raise ValueError(f"architecture {cfg.arch!r} has no weight_sync layout (have: {sorted(LAYOUTS)})")
-    if cfg.arch == "llama" and cfg.qkv_bias:
-        # HF Llama's attention_bias also adds an o_proj bias, which Megatron's add_qkv_bias lacks.
-        raise ValueError("llama with attention_bias=True (o_proj bias) is not supported by the weight_sync layout")
+    if cfg.arch in ("llama", "qwen3") and cfg.qkv_bias:
+        # HF Llama's / Qwen3's attention_bias also adds an o_proj bias, which Megatron's add_qkv_bias lacks.
+        raise ValueError(f"{cfg.arch} with attention_bias=True (o_proj bias) is not supported by the weight_sync "
+                         f"layout (set model.qkv_bias=false)")
     return tuple(r for r in LAYOUTS[cfg.arch] if r.applies(cfg))
 
 
@@ -172,6 +179,8 @@ def hf_shapes(cfg: ModelConfig, rule: TensorRule) -> tuple[tuple[int, ...], ...]
         return ((H, nq * hd),)
     if m.endswith("linear_fc2.weight"):
         return ((H, F),)
+    if m.endswith("q_layernorm.weight") or m.endswith("k_layernorm.weight"):
+        return ((hd,),)
     if m.endswith("layernorm.weight") or m.endswith("layer_norm_weight"):
         return ((H,),)
     raise ValueError(f"no shape rule for {m}")

@@ -22,11 +22,11 @@ from megatron_dgpo.weight_sync.transforms import megatron_shard_from_hf
 # HF tensors that carry no weights (old checkpoints stored rotary buffers).
 _IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq\Z")
 
-# Every ModelConfig field that changes the math (features ModelConfig cannot express, e.g. rope
-# scaling or sliding windows, are refused by HFCheckpoint.model_config).
+# Every ModelConfig field (or property) that changes the math (features ModelConfig cannot express,
+# e.g. yarn rope scaling or sliding windows, are refused by HFCheckpoint.model_config).
 _CONFIG_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
                   "ffn_hidden_size", "qkv_bias", "tie_word_embeddings", "max_position_embeddings",
-                  "rope_theta", "rms_norm_eps")
+                  "rope_theta", "rms_norm_eps", "head_dim", "rope_scaling")
 
 
 def _same(a, b) -> bool:

@@ -13,19 +13,22 @@ What happens per bucket (all ranks iterate the same plan, computed once from the
 and an all_gather of which rank holds which parameter):
 
 1. On the owning pipeline stage (data-parallel/context-parallel rank 0 replica), the TP ranks
-   `gather` their shards of each parameter to their TP rank 0 (the bucket's *source*).
+   `gather` their shards of the bucket's parameters to their TP rank 0 (the bucket's *source*),
+   in one flat buffer per bucket.
 2. The source turns the shards into HF tensors (QKV un-interleaved per query group, gate/up split
    per shard, vocab padding stripped, cast to `dtype`) written straight into the bucket's flat byte
    buffer: one copy per byte, no whole-model staging. With ``target_tp=k`` it writes k buffers, the
    j-th holding inference TP rank j's shards (see `transforms.inference_region`).
 3. The source appends a checksum (two int64 words over the payload bytes, seeded by the bucket
-   index, the receiver slot and the weight version: see `payload_checksum`) and sends the buffer: a broadcast to {source} + receivers
-   (``target_tp=None``), or point-to-point to receiver j (``target_tp=k``).
+   index, the receiver slot and the weight version: see `payload_checksum`) and sends the buffer:
+   a broadcast to {source} + receivers (``target_tp=None``), or point-to-point to receiver j
+   (``target_tp=k``).
 4. Each receiver verifies the checksum (`WeightSyncIntegrityError` on mismatch) and gets a
    `WeightBucket` whose tensors are views into the received buffer.
 
 Memory: per rank, the streamer holds at most one bucket (k buffers of ~bucket_bytes/k each with
-``target_tp``) plus, on sources with TP > 1, the gathered shards of one parameter. A tensor
+``target_tp``) plus, on sources with TP > 1, the gathered shards of that bucket (TP x its local
+shards: about one more bucket). A tensor
 larger than `bucket_bytes` travels alone in an oversize bucket.
 """
 from __future__ import annotations
@@ -486,6 +489,32 @@ class WeightStreamer:
         dist.gather(t, gather_list=None, dst=e.src, group=par.tp_group)
         return None
 
+    def _gather_bucket(self, b: _Bucket) -> list | None:
+        """The TP shards of every entry of bucket b on its source, in one gather of one flat
+        buffer (not one per parameter: each collective costs a round trip); None elsewhere and
+        with TP=1, where `_gather` hands out the local tensors."""
+        par = self.par
+        if par.tp == 1 or par.dp_cp_rank != 0:
+            return None
+        mine = [self.params.get((e.rule_idx, e.layer)) for e in b.entries]
+        if any(t is None for t in mine):  # not this pipeline stage's bucket
+            return None
+        dtype = self.dtype if self.dtype is not None else mine[0].dtype
+        if any(t.dtype != dtype for t in mine):
+            return [self._gather(e) for e in b.entries]  # mixed dtypes without a cast: per tensor
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in mine])
+        if par.rank != b.src:
+            dist.gather(flat, gather_list=None, dst=b.src, group=par.tp_group)
+            return [None] * len(mine)
+        parts = [torch.empty_like(flat) for _ in range(par.tp)]
+        dist.gather(flat, gather_list=parts, dst=b.src, group=par.tp_group)
+        out, off = [], 0
+        for t in mine:
+            n = t.numel()
+            out.append([p[off:off + n].view(t.shape) for p in parts])
+            off += n
+        return out
+
     def stream(self, *, version: int = 0, fault_injector: Callable[[int, torch.Tensor], None] | None = None
                ) -> Iterator[WeightBucket]:
         """Yield this rank's buckets (none on non-receivers). Every rank must exhaust it.
@@ -516,11 +545,14 @@ class WeightStreamer:
                 for s in range(self.n_slots):
                     bufs[s] = self._buffer(s, b.sizes[s] + TAIL)
                 held = sum(x.numel() for x in bufs.values())
-            for e in b.entries:
-                shards = self._gather(e)
+            gathered = self._gather_bucket(b)
+            for ei, e in enumerate(b.entries):
+                shards = self._gather(e) if gathered is None else gathered[ei]
                 if shards is None:
                     continue
-                staged = sum(x.numel() * x.element_size() for x in shards) if par.tp > 1 else 0
+                staged = (sum(x.numel() * x.element_size() for sh in gathered if sh for x in sh)
+                          if gathered is not None else
+                          sum(x.numel() * x.element_size() for x in shards) if par.tp > 1 else 0)
                 st.peak_buffer_bytes = max(st.peak_buffer_bytes, held + staged)
                 pieces = hf_pieces(e.rule, self.cfg, shards)
                 for s in range(self.n_slots):
@@ -528,6 +560,7 @@ class WeightStreamer:
                         dst = self._view(bufs[s], e.offsets[s][i], reg.out_shape)
                         copy_pieces(dst, reg, pieces[i])
                 del shards, pieces
+            del gathered
             transferred = set()
             if self.target_tp is None:
                 group = self._bcast_group.get(b.src)

@@ -3,7 +3,11 @@
 Megatron (TP size t, shard r):
 
 * ``qkv``: ``linear_qkv`` rows are grouped per query group g: ``[q heads of g (q_per_group*hd rows),
-  k_g (hd rows), v_g (hd rows)]``; shard r holds groups ``[r*ng/t, (r+1)*ng/t)`` (bias the same).
+  k_g (hd rows), v_g (hd rows)]``; shard r holds rows ``[r*S, (r+1)*S)`` of that TP=1 tensor,
+  S = rows / t (bias the same). With ng % t == 0 these are the groups ``[r*ng/t, (r+1)*ng/t)``;
+  with fewer KV heads than TP (t % ng == 0) the t/ng ranks of a group hold equal row blocks of
+  it, which Megatron-Core all-gathers in the forward to give each rank its q heads and a copy of
+  the group's k/v (see `megatron.core.transformer.attention.get_query_key_value_tensors`).
 * ``gate_up``: ``linear_fc1`` shard r is ``[gate[r*F/t:(r+1)*F/t]; up[r*F/t:(r+1)*F/t]]``: the
   gathered tensor is *not* ``[gate; up]`` unless t == 1.
 * ``vocab``: the vocabulary is padded to ``cfg.padded_vocab_size(t)`` rows (zeros) and split in t
@@ -98,18 +102,32 @@ def megatron_shard_from_hf(rule: TensorRule, layer: int | None, cfg: ModelConfig
     if rule.rule == "qkv":
         ng, hd = cfg.num_query_groups, cfg.head_dim
         qpg = cfg.num_attention_heads // ng
-        _check_div(ng, tp, "num_query_groups")
-        gpr = ng // tp
-        q = read(names[0], 0, rank * gpr * qpg * hd, (rank + 1) * gpr * qpg * hd)
-        k = read(names[1], 0, rank * gpr * hd, (rank + 1) * gpr * hd)
-        v = read(names[2], 0, rank * gpr * hd, (rank + 1) * gpr * hd)
-        return qkv_interleave(q, k, v, gpr)
+        block, lo, hi = qkv_shard_rows(cfg, tp, rank)
+        g0, g1 = lo // block, -(-hi // block)  # the groups this shard's rows overlap
+        q = read(names[0], 0, g0 * qpg * hd, g1 * qpg * hd)
+        k = read(names[1], 0, g0 * hd, g1 * hd)
+        v = read(names[2], 0, g0 * hd, g1 * hd)
+        return qkv_interleave(q, k, v, g1 - g0)[lo - g0 * block: hi - g0 * block]
     if rule.rule == "gate_up":
         F = cfg.ffn_hidden_size
         _check_div(F, tp, "ffn_hidden_size")
         c = F // tp
         return torch.cat([read(names[0], 0, rank * c, (rank + 1) * c), read(names[1], 0, rank * c, (rank + 1) * c)])
     raise AssertionError(rule.rule)
+
+
+def qkv_shard_rows(cfg: ModelConfig, tp: int, rank: int) -> tuple[int, int, int]:
+    """(rows per query group, first row, end row) of Megatron ``linear_qkv`` TP shard `rank`.
+
+    Megatron-Core needs t | ng or ng | t (fewer KV heads than TP) and t | num_attention_heads.
+    """
+    ng, hd, nq = cfg.num_query_groups, cfg.head_dim, cfg.num_attention_heads
+    if ng % tp and tp % ng:
+        raise ValueError(f"num_query_groups {ng} and tensor-parallel size {tp}: one must divide the other")
+    _check_div(nq, tp, "num_attention_heads")
+    block = (nq // ng + 2) * hd
+    size = ng * block // tp
+    return block, rank * size, (rank + 1) * size
 
 
 def _check_div(n: int, tp: int, what: str):
@@ -150,17 +168,18 @@ def hf_pieces(rule: TensorRule, cfg: ModelConfig, shards: Sequence[torch.Tensor]
     if rule.rule == "qkv":
         ng, hd = cfg.num_query_groups, cfg.head_dim
         qpg = cfg.num_attention_heads // ng
-        gpr = ng // tp
-        rest = tuple(shards[0].shape[1:])
-        qs, ks, vs = [], [], []
+        out: list[list[Piece]] = [[], [], []]
         for r, s in enumerate(shards):
-            x = s.view(gpr, qpg + 2, hd, *rest)
-            for gl in range(gpr):
-                g = r * gpr + gl
-                qs.append(Piece(0, g * qpg * hd, x[gl, :qpg].reshape(qpg * hd, *rest)))
-                ks.append(Piece(0, g * hd, x[gl, qpg]))
-                vs.append(Piece(0, g * hd, x[gl, qpg + 1]))
-        return [qs, ks, vs]
+            block, lo, hi = qkv_shard_rows(cfg, tp, r)
+            for g in range(lo // block, -(-hi // block)):
+                # the group's q, k, v segments in interleaved rows, and where each starts in HF q/k/v
+                segs = ((g * block, qpg * hd, 0, g * qpg * hd), (g * block + qpg * hd, hd, 1, g * hd),
+                        (g * block + (qpg + 1) * hd, hd, 2, g * hd))
+                for a, n, which, hf_start in segs:
+                    a0, a1 = max(a, lo), min(a + n, hi)
+                    if a0 < a1:
+                        out[which].append(Piece(0, hf_start + a0 - a, s[a0 - lo: a1 - lo]))
+        return out
     raise AssertionError(rule.rule)
 
 

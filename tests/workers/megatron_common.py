@@ -53,7 +53,8 @@ def perturb_old_logp(logp: torch.Tensor) -> torch.Tensor:
     return logp.cpu() + 0.6 * torch.randn(logp.shape, generator=g)
 
 
-def setup(tp, pp, *, vpp=None, sp=False, dist_opt=False, seed=5, model=None, attention_backend=None):
+def setup(tp, pp, *, vpp=None, sp=False, dist_opt=False, seed=5, model=None, attention_backend=None,
+          stages=(None, None)):
     from megatron_dgpo import distributed
     from megatron_dgpo.model.builder import build_model_chunks
     from megatron_dgpo.train import build_optimizer
@@ -62,6 +63,8 @@ def setup(tp, pp, *, vpp=None, sp=False, dist_opt=False, seed=5, model=None, att
                            virtual_pipeline_model_parallel_size=vpp)
     chunks = build_model_chunks(model or MODEL, sequence_parallel=sp, wrap_ddp=True,
                                 attention_backend=attention_backend,
+                                num_layers_in_first_pipeline_stage=stages[0],
+                                num_layers_in_last_pipeline_stage=stages[1],
                                 ddp_config=dict(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=dist_opt))
     # Adam's first update is lr * g / (|g| + eps): with a tiny eps, elements whose gradient is

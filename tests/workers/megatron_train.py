@@ -74,7 +74,7 @@ PACKED = dict(max_tokens_per_micro_batch=40, pack_sequences=True, attention_back
 
 
 def train_layout(name, tp, pp, ref, refdir, tmp, *, mbs, vpp=None, sp=False, dist_opt=False,
-                 logits_check=False, resume_check=False, layout=None):
+                 logits_check=False, resume_check=False, layout=None, stages=(None, None)):
     from megatron.core import parallel_state as ps
 
     from megatron_dgpo.checkpoint import load_checkpoint, save_checkpoint
@@ -84,7 +84,7 @@ def train_layout(name, tp, pp, ref, refdir, tmp, *, mbs, vpp=None, sp=False, dis
 
     layout = dict(layout or {})
     backend = layout.pop("attention_backend", None)
-    chunks, opt = C.setup(tp, pp, vpp=vpp, sp=sp, dist_opt=dist_opt, attention_backend=backend)
+    chunks, opt = C.setup(tp, pp, vpp=vpp, sp=sp, dist_opt=dist_opt, attention_backend=backend, stages=stages)
     load_checkpoint(os.path.join(refdir, "init"), chunks, opt, load_optimizer=False)
     full_batch = torch.load(os.path.join(refdir, "batch.pt"), weights_only=False)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -275,6 +275,7 @@ def main():
     if args.mode == "two":
         cases = [("tp2", 2, 1, dict(mbs=2, logits_check=True)),
                  ("pp2", 1, 2, dict(mbs=1, resume_check=True)),
+                 ("pp2_uneven_1_3", 1, 2, dict(mbs=1, stages=(1, None))),  # 4 layers as 1 + 3
                  ("dp2", 1, 1, dict(mbs=2, logits_check=True)),
                  ("budget_tp2_sp", 2, 1, dict(mbs=2, sp=True, layout=BUDGET)),
                  ("budget_pp2", 1, 2, dict(mbs=1, layout=BUDGET)),

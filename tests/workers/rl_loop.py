@@ -49,7 +49,8 @@ def trainer(cfg) -> RLTrainer:
 
 
 def make_cfg(out, **over):
-    base = dict(**{"algo.steps": 2, "warmstart.sft_steps": 4, "warmstart.sft_batch_size": 16,
+    # TP=2 unless overridden: the tensor-parallel, vocab-parallel path (the demo itself runs DP=2)
+    base = dict(**{"parallel.tensor_model_parallel_size": 2, "algo.steps": 2, "warmstart.sft_steps": 4, "warmstart.sft_batch_size": 16,
                    "eval.num_prompts": 8, "algo.prompts_per_step": 4, "rollout.group_size": 4,
                    "model.hidden_size": 64, "model.ffn_hidden_size": 128, "tensorboard": False,
                    "data.arithmetic.num_train": 200, "data.arithmetic.num_eval": 16,
@@ -221,9 +222,10 @@ def main():
             "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 2,
             "algo.tis_cap": 2.0, "algo.old_logp_source": "rollout", "parallel.attention_backend": "sdpa",
             "algo.pack_sequences": True, "algo.max_tokens_per_micro_batch": 64})),
-        # DP=2 with token-budget micro-batches (token-balanced DP shares).
+        # DP=2 with token-budget micro-batches (token-balanced DP shares), old log-probs
+        # recomputed by the trainer (the default `auto` takes the embedded engine's).
         ("dp2", lambda r: run_layout("dp2", os.path.join(r, "dp2"), **{
-            "parallel.tensor_model_parallel_size": 1, "algo.mini_batches": 3,
+            "parallel.tensor_model_parallel_size": 1, "algo.mini_batches": 3, "algo.old_logp_source": "trainer",
             "algo.max_tokens_per_micro_batch": 48})),
         ("novar", skipped_step_writes_every_key),
         ("resume", lambda r: resume_same_trajectory(os.path.join(r, "resume"))),

@@ -8,12 +8,14 @@ import torch
 
 from megatron_dgpo.model.config import ModelConfig
 
-# Three variants covering QKV bias + GQA + untied, tied embeddings, and Llama (no bias).
+# Variants covering QKV bias + GQA + untied, tied embeddings, Llama (no bias), and Qwen3 (q/k norms,
+# head_dim 6 != hidden / heads = 8, no bias).
 # vocab 200 is not a multiple of 128*TP, so Megatron pads it (exercises vocab padding).
 VARIANTS = {
     "qwen2": dict(arch="qwen2", qkv_bias=True, tie_word_embeddings=False),
     "qwen2_tied": dict(arch="qwen2", qkv_bias=True, tie_word_embeddings=True),
     "llama": dict(arch="llama", qkv_bias=False, tie_word_embeddings=False),
+    "qwen3": dict(arch="qwen3", qkv_bias=False, tie_word_embeddings=False, kv_channels=6),
 }
 
 

@@ -36,7 +36,7 @@ def main():
     rank = dist.get_rank()
     work = Path(os.getcwd())
     refs = {}
-    for v, seed in (("qwen2_tied", 3), ("llama", 4)):
+    for v, seed in (("qwen2_tied", 3), ("llama", 4), ("qwen3", 5)):
         if rank == 0:
             save_hf_model(tiny_config(v), work / f"hf_{v}", seed=seed, max_shard_size="100KB")
             (work / f"hf_{v}" / "tokenizer_config.json").write_text('{"model_max_length": 77}')
@@ -87,6 +87,33 @@ def main():
         bad = [k for k, t in refs["llama"].items() if not torch.equal(got[k], t.bfloat16())]
         return not bad, f"bad={bad[:3]}"
     check("llama/bf16_params_round_trip", bf16_params)
+
+    # an fp32 checkpoint loaded into a bf16 model: the export holds the bf16-rounded values
+    def fp32_ckpt_as_bf16():
+        out = work / "back_fp32_as_bf16"
+        res = m2h.convert_megatron_to_hf(work / "ckpt_llama", out, params_dtype=torch.bfloat16)
+        if rank != 0:
+            return res is None, ""
+        from transformers import AutoModelForCausalLM
+        got = hf_state(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16))
+        bad = [k for k, t in refs["llama"].items() if not torch.equal(got[k], t.bfloat16())]
+        return not bad, f"bad={bad[:3]}"
+    check("llama/fp32_ckpt_loaded_as_bf16", fp32_ckpt_as_bf16)
+
+    # Qwen3 with uneven pipeline stages both ways: 4 layers as 1+3 (save) and 3+1 (load)
+    mdist.initialize(1, 2, timeout_minutes=3)
+
+    def qwen3_uneven():
+        ck, out = work / "ckpt_qwen3", work / "back_qwen3"
+        h2m.convert_hf_to_megatron(work / "hf_qwen3", ck, num_layers_in_first_pipeline_stage=1)
+        res = m2h.convert_megatron_to_hf(ck, out, num_layers_in_last_pipeline_stage=1)
+        if rank != 0:
+            return res is None, ""
+        from transformers import AutoModelForCausalLM
+        got = hf_state(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32))
+        bad = [k for k, t in refs["qwen3"].items() if not torch.equal(got[k], t)]
+        return not bad and set(got) == set(refs["qwen3"]), f"bad={bad[:3]}"
+    check("qwen3/uneven_pp2_both_ways", qwen3_uneven)
 
     def bad_inputs():
         notckpt = work / "notckpt"
