@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,15 +26,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import megatron_common as C  # noqa: E402
+from results import check, run_cases  # noqa: E402
 from megatron_dgpo.ops import fused_lm_head_logprobs  # noqa: E402
 from tests.logprob_reference import reference, upstream_loss  # noqa: E402
 
-RESULTS = {}
 METRICS = ("loss", "grad_norm", "entropy", "ln_frac", "hp_frac", "approx_kl", "rollout_logp_abs_diff")
 
 
-def check(name, ok, detail=""):
-    RESULTS[name] = {"ok": bool(ok), "detail": str(detail)[:2000]}
 
 
 def world_max(x: float) -> float:
@@ -168,15 +164,7 @@ def main():
             cases.append((label, lambda n=label, tp=tp, pp=pp, sp=sp, tied=tied: layout_case(n, tp, pp, sp, tied)))
     cases.append(("pp2_vpp2_untied", lambda: layout_case("pp2_vpp2_untied", 1, 2, False, False, vpp=2)))
     cases.append(("main_job", lambda: main_job(root)))
-    for name, fn in cases:
-        try:
-            fn()
-        except Exception:
-            check(f"{name}_ran", False, traceback.format_exc())
-            raise
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(RESULTS, f)
+    run_cases(cases, out=args.out)
 
 
 if __name__ == "__main__":

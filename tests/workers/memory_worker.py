@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import sys
-import traceback
 import weakref
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from rl_loop import COMPARED, RESULTS, check, make_cfg, trainer  # noqa: E402
+from results import check, run_cases  # noqa: E402
+from rl_loop import COMPARED, make_cfg, trainer  # noqa: E402
 
 import megatron_dgpo.trainer as trainer_mod  # noqa: E402
 from megatron_dgpo.train import pad_sequences  # noqa: E402
@@ -140,15 +139,7 @@ def main():
     from megatron_dgpo import distributed as mdist
 
     mdist.initialize(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, seed=1234)
-    for name, fn in (("close", closed_policy_freed_without_gc), ("ws", one_policy_after_warm_start)):
-        try:
-            fn(root)
-        except Exception:
-            check(f"{name}_ran", False, traceback.format_exc())
-            raise
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(RESULTS, f)
+    run_cases((("close", closed_policy_freed_without_gc), ("ws", one_policy_after_warm_start)), root, out=args.out)
 
 
 if __name__ == "__main__":

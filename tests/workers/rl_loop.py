@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -23,14 +22,10 @@ from megatron_dgpo.configio import load_config
 from megatron_dgpo.rl.metrics import REQUIRED, STAGE_TIMES, TRAIN_KEYS, read_metrics
 from megatron_dgpo.train import pad_sequences
 from megatron_dgpo.trainer import RLTrainer
+from results import check, run_cases
 
-RESULTS = {}
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "embedded_cpu.yaml")
 COMPARED = ("reward_mean", "loss", "grad_norm", "ln_frac", "hp_frac", "entropy")
-
-
-def check(name, ok, detail=""):
-    RESULTS[name] = {"ok": bool(ok), "detail": str(detail)[:2000]}
 
 
 class DenseReward:
@@ -213,7 +208,7 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
     root = os.path.dirname(os.path.abspath(args.out))  # the launcher's temp dir, the same for all ranks
-    for name, fn in (
+    run_cases((
         ("tp2", lambda r: run_layout("tp2", os.path.join(r, "tp2"))),
         # PP=2 also runs the truncated-IS correction (per-token advantages) and old log-probs
         # taken from the rollout engine.
@@ -231,15 +226,7 @@ def main():
         ("resume", lambda r: resume_same_trajectory(os.path.join(r, "resume"))),
         ("nonfinite", nonfinite_updates_are_skipped),
         ("policy", policy_mechanics),
-    ):
-        try:
-            fn(root)
-        except Exception:
-            check(f"{name}_ran", False, traceback.format_exc())
-            raise
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(RESULTS, f)
+    ), root, out=args.out)
 
 
 if __name__ == "__main__":

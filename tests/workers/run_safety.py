@@ -14,25 +14,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
+from results import check, run_cases  # noqa: E402
 from rl_loop import DenseReward, make_cfg  # noqa: E402
 
 from megatron_dgpo.rl.metrics import read_metrics  # noqa: E402
 from megatron_dgpo.trainer import RLTrainer  # noqa: E402
 
-RESULTS = {}
 
 
-def check(name, ok, detail=""):
-    RESULTS[name] = {"ok": bool(ok), "detail": str(detail)[:2000]}
 
 
 class ConstReward:
@@ -177,15 +173,9 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
     root = os.path.dirname(os.path.abspath(args.out))
-    for name, fn in (("nonfinite", nonfinite_weights), ("huge_lr", huge_finite_lr), ("collapse", collapse),
-                     ("resume", resume_and_run_dir)):
-        try:
-            fn(root)
-        except Exception:
-            check(f"{name}_ran", False, traceback.format_exc())
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(RESULTS, f)
+    # a crashed case fails its `_ran` check and the others still run
+    run_cases((("nonfinite", nonfinite_weights), ("huge_lr", huge_finite_lr), ("collapse", collapse),
+               ("resume", resume_and_run_dir)), root, out=args.out, reraise=False)
 
 
 if __name__ == "__main__":
