@@ -24,3 +24,12 @@ def pytest_collection_modifyitems(config, items):
         for mark, (cond, why) in skips.items():
             if cond and mark in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core box: intra-op threads only add contention (100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

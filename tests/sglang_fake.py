@@ -18,7 +18,6 @@ import asyncio
 import contextvars
 import json
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -26,15 +25,10 @@ from types import SimpleNamespace as NS
 from typing import Callable, Optional
 
 from tests import sglang_cpu
+from tests.torchrun_util import _free_port as free_port  # noqa: F401 (also used by the tests)
 
 _CURRENT = contextvars.ContextVar("fake_tm")
 _CONTEXT_LEN = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_model_dir() -> str:

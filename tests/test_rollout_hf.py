@@ -15,17 +15,11 @@ def _engine(arch="qwen2", seed=0, **kw):
     return HFRolloutEngine.from_hf_config(cfg, init_seed=seed, eos_token_ids=[EOS], pad_token_id=0, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matmuls on a shared 2-core box: intra-op threads only add contention (100x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def eng(_one_thread):
+def eng(one_torch_thread):
     return _engine()
 
 

@@ -19,12 +19,7 @@ def _engine(vocab, hidden=32, seed=0):
     return HFRolloutEngine.from_hf_config(cfg, init_seed=seed, eos_token_ids=[EOS], pad_token_id=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batched_reference(buf, sp, gen):
