@@ -96,11 +96,15 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 8
     weight_sync_bucket_mb: int = 64
+    # Rows the embedded engine decodes as one batch (each batch's KV cache lives until it ends).
+    embedded_batch_size: int = 128
     sglang: SGLangSettings = field(default_factory=SGLangSettings)
 
     def __post_init__(self):
         if self.group_size < 2:
             raise ValueError("rollout.group_size must be >= 2 (GRPO advantages need a group)")
+        if self.embedded_batch_size < 1:
+            raise ValueError("rollout.embedded_batch_size must be >= 1")
 
 
 @dataclass

@@ -100,7 +100,11 @@ class RLTrainer:
         self.say(old_logp.describe(cfg))
 
     def sync(self, version: int) -> None:
-        require_finite_weights(self.policy.chunks, f"before the weight sync of version {version}")
+        from megatron.core import parallel_state as ps
+
+        # over the model-parallel group: data-parallel replicas hold the same weights (rl/guard.py)
+        require_finite_weights(self.policy.chunks, f"before the weight sync of version {version}",
+                               group=ps.get_model_parallel_group())
         sync_weights(self.policy, self.engine, version=version, distributed=self.distributed_rollout,
                      memory=self.engine_memory)
 

@@ -195,3 +195,19 @@ def test_embedded_engine_takes_the_weight_stream(tmp_path, variant, over):
     ids = torch.tensor([[1, 5, 9, 33, 7, 2, 100, 150, 3, 4, 60, 61]])
     with torch.no_grad():
         torch.testing.assert_close(eng.model(input_ids=ids).logits, src(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("max_batch_size", [64, 6])  # 6: batches that cut a prompt's group of 4
+def test_shared_prefill_equals_one_prefill_per_row(arch, max_batch_size):
+    """The samples of a prompt share one prefill (KV cache and logits selected per row): the
+    same tokens and log-probs as prefilling every row, with the same generator."""
+    shared, per_row = _engine(arch, max_batch_size=max_batch_size), _engine(arch, max_batch_size=max_batch_size)
+    per_row.share_prefill = False
+    sp = SamplingParams(n=4, max_new_tokens=8, temperature=1.0, seed=3)
+    got, want = shared.generate(PROMPTS, sp), per_row.generate(PROMPTS, sp)
+    assert [s.response_ids for s in got] == [s.response_ids for s in want]
+    assert [s.prompt_index for s in got] == [s.prompt_index for s in want]
+    for a, b in zip(got, want):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-6)
+    assert len({tuple(s.response_ids) for s in got}) > 3  # sampling, not one repeated answer

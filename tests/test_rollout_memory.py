@@ -45,8 +45,10 @@ def test_step_equals_batched_sampler(kw):
     torch.manual_seed(0)
     sp = SamplingParams(**kw)
     g_new, g_ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    # 40 rows of 4096: chunks of 16, 16 and 8 rows (hf_engine.SAMPLE_CHUNK_ELEMENTS)
+    assert 40 * 4096 > 2 * hf_engine.SAMPLE_CHUNK_ELEMENTS
     for _ in range(20):  # consecutive steps: the generator state must also advance identically
-        logits = torch.randn(16, 4096) * 4
+        logits = torch.randn(40, 4096) * 4
         ref, new = logits.clone(), logits.clone()
         want = _batched_reference(ref, sp, g_ref)
         got = hf_engine.sample_next_(new, sp, g_new)

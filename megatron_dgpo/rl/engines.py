@@ -16,7 +16,8 @@ def build_engine(cfg, tokenizer, rank: int):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         engine = HFRolloutEngine.from_hf_config(cfg.model.to_hf_config(), eos_token_ids=eos, pad_token_id=pad,
-                                                device=device, seed=cfg.seed + 1000 * rank)
+                                                device=device, seed=cfg.seed + 1000 * rank,
+                                                max_batch_size=ro.embedded_batch_size)
         return engine, True
     if rank != 0:
         return None, False
@@ -59,7 +60,12 @@ def sync_weights(policy, engine, version: int, distributed: bool, memory: Engine
     if memory is not None:
         memory.resume("weights")
     if distributed:
-        engine.update_weights(policy.stream_weights(receivers=None, version=version), version=version)
+        # Every rank feeds its own engine; a rank holding a whole replica (TP = PP = 1: pure data
+        # parallel) converts its own weights, the same on every replica, with no collective.
+        from megatron.core import parallel_state as ps
+
+        local = dist.is_initialized() and dist.get_world_size(ps.get_model_parallel_group()) == 1
+        engine.update_weights(policy.stream_weights(receivers=None, version=version, local=local), version=version)
     else:
         rank = dist.get_rank() if dist.is_initialized() else 0
         stream = policy.stream_weights(receivers=[0], version=version)

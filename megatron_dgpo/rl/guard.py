@@ -44,21 +44,24 @@ def _local_nonfinite(model_chunks) -> list[str]:
     return [name for (name, _), good in zip(named, ok.tolist()) if not good]
 
 
-def weights_finite(model_chunks) -> tuple[bool, list[str]]:
-    """(all parameters of all ranks finite, names of this rank's non-finite ones). Collective
-    over the default group."""
+def weights_finite(model_chunks, group=None) -> tuple[bool, list[str]]:
+    """(all parameters of all ranks of `group` finite, names of this rank's non-finite ones).
+    Collective over `group` (default: all ranks); none for a group of one."""
     bad = _local_nonfinite(model_chunks)
     flag = torch.tensor(float(bool(bad)))
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         if dist.get_backend() == "nccl":
             flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return float(flag) == 0.0, bad
 
 
-def require_finite_weights(model_chunks, when: str) -> None:
-    """Raise NonFiniteWeightsError on every rank when any rank holds a non-finite parameter."""
-    ok, bad = weights_finite(model_chunks)
+def require_finite_weights(model_chunks, when: str, group=None) -> None:
+    """Raise NonFiniteWeightsError on every rank of `group` (default: all ranks) when any of
+    them holds a non-finite parameter. Data-parallel replicas hold the same weights (the same
+    reduced gradients, the same optimizer step), so the model-parallel group decides for all of
+    them, without a collective over DP."""
+    ok, bad = weights_finite(model_chunks, group)
     if not ok:
         names = (f" (this rank: {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
                  + ")") if bad else ""

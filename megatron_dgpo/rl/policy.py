@@ -104,7 +104,8 @@ class Policy:
             # Decided per optimizer step: a step with finite gradients may still overflow the
             # weights (absurd lr); the next mini-batch, the sync and the save must not see them.
             require_finite_weights(self.chunks, f"after optimizer step {len(out)} (lr={metrics['lr']:g}, "
-                                                f"grad_norm={metrics['grad_norm']:g})")
+                                                f"grad_norm={metrics['grad_norm']:g})",
+                                   group=ps.get_model_parallel_group())
         return out
 
     def _lm_head(self) -> dict:
@@ -119,15 +120,16 @@ class Policy:
         return m
 
     # ---- weights -------------------------------------------------------------------------------
-    def stream_weights(self, receivers=None, dtype=None, version: int = 0):
+    def stream_weights(self, receivers=None, dtype=None, version: int = 0, local: bool = False):
         """(hf_name, tensor) pairs of the current weights, on the receiving ranks (collective).
-        `version` enters every bucket's checksum (a stale bucket is never accepted)."""
+        `version` enters every bucket's checksum (a stale bucket is never accepted). `local`:
+        every rank streams its own replica to itself, no collective (TP = PP = 1 only)."""
         from megatron_dgpo.weight_sync import WeightStreamer
 
         if self._streamer is None:
             bucket = self.cfg.rollout.weight_sync_bucket_mb << 20
             self._streamer = WeightStreamer(self.chunks, self.cfg.model, receivers=receivers,
-                                            bucket_bytes=bucket, dtype=dtype)
+                                            bucket_bytes=bucket, dtype=dtype, local=local)
         return self._streamer.iter_named_tensors(version=version)
 
     def load_hf(self, path: str) -> None:

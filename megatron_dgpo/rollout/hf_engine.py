@@ -1,7 +1,8 @@
 """Embedded rollout engine: a `transformers` causal LM (Qwen2 / Llama) with its own sampling loop.
 
 For CPU tests and small single-GPU runs. Prompts are left-padded into one batch and decoded with
-the model's KV cache; finished rows keep decoding padding until the whole batch is done.
+the model's KV cache; the samples of one prompt share its prefill; finished rows keep decoding
+padding until the whole batch is done.
 """
 from __future__ import annotations
 
@@ -40,17 +41,25 @@ def _float32_last(logits: torch.Tensor) -> torch.Tensor:
     return last.to(torch.float32, copy=True)
 
 
+# Rows sampled together: their filtered probabilities and the sampler's Exp(1) noise are
+# temporaries of rows x V elements, so chunks of at most this many elements keep the step's peak at
+# ~1 [B, V] buffer for large vocabularies (one row at a time from 65,536 entries up) while a small
+# vocabulary samples the whole batch in one call (per-row calls were 28 % of the embedded demo's
+# rollout: docs/benchmarks.md).
+SAMPLE_CHUNK_ELEMENTS = 1 << 16
+
+
 @torch.no_grad()
 def sample_next_(buf: torch.Tensor, sp: SamplingParams, gen: torch.Generator) -> torch.Tensor:
     """Next tokens `[B]` from float32 logits `buf` `[B, V]`, which is overwritten in place with the
     (unfiltered) log-probs at the log-prob temperature; the only `[B, V]` tensor of the step.
 
     The same tokens for the same generator as torch.multinomial over the whole batch of
-    softmax(filter_logits(logits / T)): rows are drawn one at a time (their filtered
-    probabilities and the sampler's Exp(1) noise are `[V]` temporaries), and on CPU the
-    generator's draws are consumed in element order, so row by row equals the batch. (On CUDA
-    each call draws fresh Philox numbers: the same distribution, different samples than one
-    batched call.) Peak during generate(), 262,144-entry vocabulary, 64 rows: 1.03 x `[B, V]`
+    softmax(filter_logits(logits / T)): rows are drawn in chunks of SAMPLE_CHUNK_ELEMENTS
+    (their filtered probabilities and the sampler's Exp(1) noise are chunk temporaries), and on
+    CPU the generator's draws are consumed in element order, so chunk by chunk equals the batch.
+    (On CUDA each call draws fresh Philox numbers: the same distribution, different samples than
+    one batched call.) Peak during generate(), 262,144-entry vocabulary, 64 rows: 1.03 x `[B, V]`
     float32, against 5.0 x (10 x with top-k/top-p) for one batched multinomial
     (tools/bench_memory.py, docs/benchmarks.md)."""
     buf.div_(sp.logprob_temperature)
@@ -58,9 +67,10 @@ def sample_next_(buf: torch.Tensor, sp: SamplingParams, gen: torch.Generator) ->
         nxt = buf.argmax(dim=-1)
     else:
         nxt = torch.empty(buf.shape[0], dtype=torch.long, device=buf.device)
-        for b in range(buf.shape[0]):
-            probs = torch.softmax(filter_logits(buf[b:b + 1], sp.top_k, sp.top_p), dim=-1)
-            nxt[b] = torch.multinomial(probs, 1, generator=gen)[0, 0]
+        rows = max(1, SAMPLE_CHUNK_ELEMENTS // buf.shape[1])
+        for b in range(0, buf.shape[0], rows):
+            probs = torch.softmax(filter_logits(buf[b:b + rows], sp.top_k, sp.top_p), dim=-1)
+            nxt[b:b + rows] = torch.multinomial(probs, 1, generator=gen)[:, 0]
     torch.log_softmax(buf, dim=-1, out=buf)  # in place: the kernel reads each row before writing it
     return nxt
 
@@ -81,6 +91,7 @@ class HFRolloutEngine(RolloutEngine):
         params = inspect.signature(type(self.model).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.share_prefill = True  # one prefill per distinct prompt (False: one per row)
 
     @classmethod
     def from_hf_config(cls, hf_config: dict, dtype: torch.dtype = torch.float32, init_seed: int = 0, **kw):
@@ -163,10 +174,20 @@ class HFRolloutEngine(RolloutEngine):
     def _generate_batch(self, rows, sp: SamplingParams, gen: torch.Generator) -> list[RolloutSample]:
         dev = self.device
         B = len(rows)
-        L = max(len(p) for _, p in rows)
-        ids = torch.full((B, L), self.pad_token_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((B, L), dtype=torch.long, device=dev)
-        for b, (_, p) in enumerate(rows):
+        # The rows of one prompt share its prefill (as SGLang's prefix cache does): the distinct
+        # prompts run once, then every row takes its prompt's KV cache and last-position logits.
+        first: dict[int, int] = {}
+        inverse = [first.setdefault(pi, len(first)) for pi, _ in rows]
+        prompts = [p for _, p in rows]
+        if self.share_prefill and len(first) < B:
+            prompts = [p for p in {pi: p for pi, p in rows}.values()]
+            expand = torch.tensor(inverse, dtype=torch.long, device=dev)
+        else:
+            expand = None
+        L = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), L), self.pad_token_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(prompts), L), dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
             ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long, device=dev)
             mask[b, L - len(p):] = 1
         # left padding: positions count only real tokens, so each row sees the same RoPE
@@ -183,6 +204,9 @@ class HFRolloutEngine(RolloutEngine):
             past = getattr(res, self._cache_kw)
             buf = _float32_last(res.logits)
             del res
+            if expand is not None:  # after the shared prefill: one row per sample from here on
+                past.batch_select_indices(expand)
+                buf, mask, step_pos, expand = buf[expand], mask[expand], step_pos[expand], None
             try:
                 nxt = sample_next_(buf, sp, gen)
             except RuntimeError as e:  # torch's check of the probabilities: say what it means

@@ -196,9 +196,28 @@ def _pack(rows: RolloutBatch, pad_multiple: int, pad_token_id: int) -> Packing:
                    gather=gather, valid=valid)
 
 
+def _budget_bins(batch: RolloutBatch, max_tokens: int, pack: bool, pad_multiple: int) -> List[List[int]]:
+    lengths = [int(x) for x in batch.lengths.tolist()]
+    if pack:
+        cost = lambda n, longest, total: round_up(total, pad_multiple)  # noqa: E731
+    else:
+        cost = lambda n, longest, total: n * round_up(longest, pad_multiple)  # noqa: E731
+    return first_fit_decreasing(lengths, max_tokens, cost)
+
+
+def local_count(batch: RolloutBatch, *, max_tokens: int = 0, pack: bool = False, pad_multiple: int = 1) -> int:
+    """How many token-budget micro-batches `batch` needs on this rank before the DP ranks are
+    equalised (0 for the row layouts, which need no equalising): lets a caller agree on the
+    count in a collective it makes anyway (`split(num_bins=...)`)."""
+    return len(_budget_bins(batch, max_tokens, pack, pad_multiple)) if max_tokens > 0 else 0
+
+
 def split(batch: RolloutBatch, *, micro_batch_size: int, max_tokens: int = 0, pack: bool = False,
-          pad_multiple: int = 1, pad_token_id: int = 0, equalise_over_dp: bool = True) -> List[MicroBatch]:
-    """This rank's micro-batches of `batch` (see the module docstring for the layouts)."""
+          pad_multiple: int = 1, pad_token_id: int = 0, equalise_over_dp: bool = True,
+          num_bins: Optional[int] = None) -> List[MicroBatch]:
+    """This rank's micro-batches of `batch` (see the module docstring for the layouts).
+    Token-budget micro-batches are equalised to the largest count over the DP ranks: `num_bins`
+    when the caller already knows it (the max of `local_count` over DP), else one all-reduce."""
     if max_tokens <= 0 and not pack:  # the original layout: one common padded length
         padded = batch.pad_to(pad_multiple)
         return [MicroBatch(rows=mb, index=torch.arange(i, i + mb.batch_size))
@@ -209,12 +228,12 @@ def split(batch: RolloutBatch, *, micro_batch_size: int, max_tokens: int = 0, pa
     if bool((batch.loss_mask & beyond).any()):
         raise ValueError("RolloutBatch: loss_mask is True beyond a row's length")
     if max_tokens > 0:
-        if pack:
-            cost = lambda n, longest, total: round_up(total, pad_multiple)  # noqa: E731
-        else:
-            cost = lambda n, longest, total: n * round_up(longest, pad_multiple)  # noqa: E731
-        bins = first_fit_decreasing(lengths, max_tokens, cost)
-        if equalise_over_dp:
+        bins = _budget_bins(batch, max_tokens, pack, pad_multiple)
+        if num_bins is not None:
+            if num_bins < len(bins):
+                raise ValueError(f"split: num_bins={num_bins} is below this rank's {len(bins)} micro-batches")
+            bins = _equalise(bins, num_bins, lengths)
+        elif equalise_over_dp:
             bins = _equalise(bins, _dp_max(len(bins)), lengths)
     else:  # packing without a budget: micro_batch_size sequences per packed row
         if micro_batch_size <= 0 or batch.batch_size % micro_batch_size:

@@ -36,10 +36,26 @@ def build_optimizer(model_chunks: List[torch.nn.Module], *, lr: float = 1e-6, we
         use_distributed_optimizer=bool(use_distributed_optimizer),
         bf16=bool(mcfg.bf16), fp16=bool(mcfg.fp16), params_dtype=mcfg.params_dtype, **overrides)
     optimizer = get_megatron_optimizer(config=cfg, model_chunks=model_chunks)
-    from megatron_dgpo.train.lifetime import remember_initial_groups
+    from megatron_dgpo.train.lifetime import inner_optimizers, remember_initial_groups
+
+    for opt in inner_optimizers(optimizer):
+        _fused_on_cpu(opt)
 
     remember_initial_groups(optimizer)  # for lifetime.reset_optimizer_state
     return optimizer
+
+
+def _fused_on_cpu(opt) -> None:
+    """Without TE or Apex, megatron-core falls back to torch's Adam/AdamW, which on CPU runs its
+    per-tensor loop (torch enables foreach/fused by default only for accelerators). torch's fused
+    CPU kernel is the same update in one pass over each tensor, ~2.8x faster for the demo model
+    (it rounds differently from the loop: 2.4e-7 apart after 30 steps on unit-scale weights)."""
+    if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+        return
+    for group in opt.param_groups:
+        if group["params"] and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
+                                   for p in group["params"]) and not group.get("differentiable"):
+            group["fused"], group["foreach"] = True, False
 
 
 def set_lr(optimizer, lr: float) -> None:

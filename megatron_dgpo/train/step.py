@@ -157,6 +157,19 @@ def _broadcast_from_last_stage(obj):
     return box[0]
 
 
+def _dp_sum_and_max(sums: List[float], maxes: List[float]) -> List[float]:
+    """[sums over DP..., maxes over DP...] of this rank's values, in one all-gather."""
+    ps = _ps()
+    local = torch.tensor(sums + maxes, dtype=torch.float64, device=_device())
+    if ps.get_data_parallel_world_size() == 1:
+        return local.tolist()
+    parts = [torch.empty_like(local) for _ in range(ps.get_data_parallel_world_size())]
+    dist.all_gather(parts, local, group=ps.get_data_parallel_group())
+    every = torch.stack(parts).cpu()
+    n = len(sums)
+    return every[:, :n].sum(0).tolist() + every[:, n:].max(0).values.tolist()
+
+
 def _dp_all_reduce(t: torch.Tensor) -> torch.Tensor:
     ps = _ps()
     if ps.get_data_parallel_world_size() > 1:
@@ -201,17 +214,27 @@ def _check_batch_finite(batch: RolloutBatch) -> None:
 
 
 def _grads_finite(model_chunks) -> bool:
-    """True when every gradient of every rank is finite (one all-reduce). A sum is non-finite
-    iff an element is, and needs no memory beyond the reduction."""
+    """True when every gradient of every rank is finite. A sum is non-finite iff an element is,
+    and needs no memory beyond the reduction.
+
+    After Megatron's DDP has all-reduced the gradients (no distributed optimizer), every DP
+    replica holds the same sums, and an Inf or NaN on any rank is one in the sum, so only the
+    model-parallel group (TP x PP: different shards) has to agree: for a DP-only layout, no
+    collective. Reduce-scattered gradients (distributed optimizer) are checked over all ranks."""
     bad = torch.zeros((), dtype=torch.float32, device=_device())
+    all_reduced = True
     for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        all_reduced &= ddp_config is not None and not getattr(ddp_config, "use_distributed_optimizer", False)
         buffers = list(getattr(chunk, "buffers", None) or []) + list(getattr(chunk, "expert_parallel_buffers", None) or [])
         grads = [b.grad_data for b in buffers] or [
             getattr(p, "main_grad", p.grad) for p in chunk.parameters() if getattr(p, "main_grad", p.grad) is not None]
         for g in grads:
             bad = torch.maximum(bad, (~torch.isfinite(torch.sum(g, dtype=torch.float32))).float())
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        group = _ps().get_model_parallel_group() if all_reduced else None
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
     return float(bad) == 0.0
 
 
@@ -251,24 +274,22 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     if loss_cfg.aggregation == "seq-mean-token-sum-norm" and loss_cfg.norm_length is None:
         # Dr.GRPO's constant: the batch's own length, not the layout-dependent padded length.
         loss_cfg = dataclasses.replace(loss_cfg, norm_length=batch.seq_length)
-    micro_batches = microbatch.split(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens_per_micro_batch,
-                                     pack=pack_sequences, pad_multiple=_pad_multiple(config),
-                                     pad_token_id=pad_token_id)
-    n_mb = len(micro_batches)
     dp = ps.get_data_parallel_world_size()
     dev = _device()
+    # One DP collective before the forward: the loss normaliser's global counts and the number of
+    # token-budget micro-batches every rank runs (the largest local count).
+    layout = dict(max_tokens=max_tokens_per_micro_batch, pack=pack_sequences, pad_multiple=_pad_multiple(config))
+    mask_s = shift_left(batch.loss_mask, False)
+    counts = _dp_sum_and_max([float(mask_s.sum()), float((mask_s.sum(-1) > 0).sum()), float(batch.lengths.sum())],
+                             [float(microbatch.local_count(batch, **layout))])
+    micro_batches = microbatch.split(batch, micro_batch_size=micro_batch_size, pad_token_id=pad_token_id,
+                                     num_bins=int(counts[3]) if max_tokens_per_micro_batch > 0 else None, **layout)
+    n_mb = len(micro_batches)
     if vocab_size is None:
         vocab_size = _vocab_size_of(model_chunks)
     if lr is not None:
         from megatron_dgpo.train.optimizer import set_lr
         set_lr(optimizer, lr)
-
-    # Global normaliser and token counts, one all-reduce over DP.
-    mask_s = shift_left(batch.loss_mask, False)
-    counts = torch.tensor([float(mask_s.sum()), float((mask_s.sum(-1) > 0).sum()),
-                           float(batch.lengths.sum()), float(sum(mb.computed_tokens for mb in micro_batches))],
-                          dtype=torch.float64, device=dev)
-    counts = _dp_all_reduce(counts).cpu()
     seq_mode = loss_cfg.aggregation != "token-mean"
     normalizer = float(counts[1] if seq_mode else counts[0])
     scale = 1.0 if getattr(config, "calculate_per_token_loss", False) else float(n_mb * dp)
@@ -294,6 +315,8 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
             adv = shift_left(adv)
         loss, metrics = policy_loss(model_loss_cfg, logp, old, adv, mask, normalizer=normalizer)
         stats = _policy_stats(metrics)
+        # a sum (denominator 0), reduced with the other stats: the global count of computed tokens
+        stats["computed_tokens"] = torch.tensor([float(micro.computed_tokens), 0.0], dtype=torch.float64, device=dev)
         maskd = mask.double()
         n = maskd.sum()
         if ent is not None:
@@ -329,7 +352,6 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
         num_microbatches=float(n_mb),
         normalizer=normalizer,
         tokens=float(counts[2]),
-        computed_tokens=float(counts[3]),
         step_time_s=elapsed,
         tokens_per_s=float(counts[2]) / max(elapsed, 1e-9),
     )

@@ -175,6 +175,16 @@ def _parallel_info() -> _Par:
     return p
 
 
+def _pipeline_size() -> int:
+    try:
+        from megatron.core import parallel_state as ps
+        if ps.model_parallel_is_initialized():
+            return ps.get_pipeline_model_parallel_world_size()
+    except ImportError:  # pragma: no cover
+        pass
+    return 1
+
+
 # ----------------------------------------------------------------------------- local parameters
 def _unwrap(m):
     while hasattr(m, "module") and isinstance(getattr(m, "module"), torch.nn.Module):
@@ -311,12 +321,20 @@ class WeightStreamer:
         recycled (within and across passes; at most two per slot are kept, `release_buffers()` frees
         them), but only once no reference to them or to their tensors remains.
       device: where buckets live (default: the parameters' device).
+      local: this rank streams its own complete replica (TP = PP = 1) to itself, with no
+        collective at all: data-parallel ranks that each feed their own embedded engine hold the
+        same weights, so nothing has to travel (construction and `stream()` are then local too).
     """
 
     def __init__(self, model, model_cfg: ModelConfig, *, receivers: Sequence[int] | None = None,
                  bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None,
                  target_tp: int | None = None, integrity: str = "transfer", reuse_buffers: bool = False,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, local: bool = False):
+        if local:
+            par = _parallel_info()
+            if par.tp > 1 or _pipeline_size() > 1 or receivers is not None or target_tp is not None:
+                raise ValueError("local=True streams a whole replica to this rank: it needs TP = PP = 1 "
+                                 "and no receivers / target_tp")
         if integrity not in ("transfer", "always", "off"):
             raise ValueError(f"integrity={integrity!r}: use 'transfer', 'always' or 'off'")
         if bucket_bytes <= 0:
@@ -324,7 +342,7 @@ class WeightStreamer:
         self.model = model
         self.cfg = model_cfg
         self.rules = get_layout(model_cfg)
-        self.par = _parallel_info()
+        self.par = _Par() if local else _parallel_info()  # local: a world of one, this rank
         self.bucket_bytes = int(bucket_bytes)
         self.dtype = dtype
         self.integrity = integrity
