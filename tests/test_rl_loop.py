@@ -8,7 +8,7 @@ CHECKS = ["tp2_engine_equals_trainer", "tp2_metrics_columns", "tp2_trained", "tp
           "pp2_engine_equals_trainer", "pp2_metrics_columns", "pp2_trained", "pp2_metrics_times",
           "dp2_engine_equals_trainer", "dp2_metrics_columns", "dp2_trained", "dp2_metrics_times",
           "skipped_step_writes_every_key",
-          "resume_continues_same_trajectory", "nonfinite_update_skipped",
+          "resume_continues_same_trajectory", "nonfinite_update_skipped", "nonfinite_on_one_dp_rank_skipped_everywhere",
           "bf16_loaded_weights_survive_first_step", "empty_batch_takes_no_step"]
 
 

@@ -11,6 +11,7 @@ from megatron_dgpo.config import TrainConfig
 from megatron_dgpo.model.builder import build_model_chunks
 from megatron_dgpo.rl.guard import require_finite_weights
 from megatron_dgpo.train import RolloutBatch, build_optimizer, forward_logprobs, train_step
+from megatron_dgpo.train.step import dp_totals_of, reduce_deferred
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -96,9 +97,13 @@ class Policy:
             if mini.batch_size % dp:
                 raise ValueError(f"mini-batch of {mini.batch_size} sequences does not split over "
                                  f"data-parallel size {dp}: make prompts_per_step * group_size / mini_batches a multiple")
-            local = mini.select(self._dp_rows(mini)[ps.get_data_parallel_rank()])
+            # Every rank holds the whole batch, so the normaliser's counts over all DP shares need
+            # no collective; the loss metrics of all mini-batches are reduced at the end, at once.
+            shares = [mini.select(r) for r in self._dp_rows(mini)]
+            local = shares[ps.get_data_parallel_rank()]
             metrics = train_step(self.chunks, self.optimizer, local, loss_cfg or self.cfg.loss,
                                  micro_batch_size=self.micro_batch(local), temperature=temperature, lr=lr,
+                                 dp_totals=dp_totals_of(self.chunks, shares, **self._layout()), defer_stats=True,
                                  **self._layout(), **self._lm_head())
             out.append(metrics)
             # Decided per optimizer step: a step with finite gradients may still overflow the
@@ -106,7 +111,7 @@ class Policy:
             require_finite_weights(self.chunks, f"after optimizer step {len(out)} (lr={metrics['lr']:g}, "
                                                 f"grad_norm={metrics['grad_norm']:g})",
                                    group=ps.get_model_parallel_group())
-        return out
+        return reduce_deferred(out)
 
     def _lm_head(self) -> dict:
         return dict(fused_lm_head=self.cfg.algo.fused_lm_head,

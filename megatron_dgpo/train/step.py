@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -192,18 +192,66 @@ def _policy_stats(metrics: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _reduce_stats(stats_list: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-    """Sum micro-batch stats, all-reduce over DP, divide (sum-type entries have denominator 0)."""
-    if not stats_list:
-        return {}
-    keys = sorted(stats_list[0])
+_DEFERRED = "_deferred_stats"
+
+
+def _sum_stats(stats_list: List[Dict[str, torch.Tensor]]):
+    """(keys, this rank's [K, 2] numerator/denominator sums over its micro-batches)."""
+    keys = sorted(stats_list[0]) if stats_list else []
     dev = _device()
-    packed = torch.stack([torch.stack([s[k].to(dev) for k in keys]) for s in stats_list]).sum(0)  # [K, 2]
-    packed = _dp_all_reduce(packed)
+    if not keys:
+        return keys, torch.zeros((0, 2), dtype=torch.float64, device=dev)
+    return keys, torch.stack([torch.stack([s[k].to(dev) for k in keys]) for s in stats_list]).sum(0)
+
+
+def _divide(keys, packed: torch.Tensor) -> Dict[str, float]:
     out = {}
     for k, (num, den) in zip(keys, packed.cpu().tolist()):
-        out[k] = num if den == 0 else (num / den if den > 0 else 0.0)
+        out[k] = num if den == 0 else (num / den if den > 0 else 0.0)  # sum-type entries: denominator 0
     return out
+
+
+def _reduce_stats(stats_list: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Sum micro-batch stats, all-reduce over DP, divide."""
+    if not stats_list:
+        return {}
+    keys, packed = _sum_stats(stats_list)
+    return _divide(keys, _dp_all_reduce(packed))
+
+
+def reduce_deferred(steps: List[Dict[str, float]]) -> List[Dict[str, float]]:
+    """Complete the metrics of `train_step(..., defer_stats=True)` calls: one all-reduce over DP
+    for all of them (the same numbers as reducing each step on its own)."""
+    todo = [i for i, m in enumerate(steps) if _DEFERRED in m]
+    if not todo:
+        return steps
+    parts = [steps[i][_DEFERRED] for i in todo]
+    reduced = _dp_all_reduce(torch.cat([packed for _, packed in parts]))
+    out, at = list(steps), 0
+    for i, (keys, packed) in zip(todo, parts):
+        m = {k: v for k, v in steps[i].items() if k != _DEFERRED}
+        m.update(_divide(keys, reduced[at:at + len(keys)]))
+        at += len(keys)
+        out[i] = m
+    return out
+
+
+def _local_totals(batch: RolloutBatch) -> List[float]:
+    mask_s = shift_left(batch.loss_mask, False)
+    return [float(mask_s.sum()), float((mask_s.sum(-1) > 0).sum()), float(batch.lengths.sum())]
+
+
+def dp_totals_of(model_chunks, shares: Sequence[RolloutBatch], *, max_tokens_per_micro_batch: int = 0,
+                 pack_sequences: bool = False) -> List[float]:
+    """`train_step`'s `dp_totals` from every DP rank's share (in DP rank order), without a
+    collective."""
+    from megatron.core.utils import get_model_config
+
+    mult = _pad_multiple(get_model_config(model_chunks[0]))
+    sums = [sum(x) for x in zip(*(_local_totals(b) for b in shares))]
+    n = max(microbatch.local_count(b, max_tokens=max_tokens_per_micro_batch, pack=pack_sequences,
+                                   pad_multiple=mult) for b in shares)
+    return sums + [float(n)]
 
 
 def _check_batch_finite(batch: RolloutBatch) -> None:
@@ -245,9 +293,16 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
                logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None,
                max_tokens_per_micro_batch: int = 0, pack_sequences: bool = False,
                pad_token_id: int = 0, fused_lm_head: bool = False,
-               lm_head_chunk_tokens: Optional[int] = None) -> Dict[str, float]:
+               lm_head_chunk_tokens: Optional[int] = None,
+               dp_totals: Optional[Sequence[float]] = None, defer_stats: bool = False) -> Dict[str, float]:
     """Forward + backward of the policy loss over `batch` (this DP rank's share) and one
     optimizer step. Returns metrics reduced over DP, identical on every rank.
+
+    `dp_totals`: a caller that holds every DP rank's share (the RL loop does) passes their
+    totals, `[loss tokens, sequences with a loss token, tokens, token-budget micro-batches of the
+    largest share]` (`dp_totals_of`), and the step makes no collective before the forward.
+    `defer_stats` (no pipeline parallelism): the loss metrics come back unreduced, for
+    `reduce_deferred` to reduce the metrics of several steps in one all-reduce.
 
     Every rank of a model-parallel group (TP x PP) must pass the same `batch`; different DP ranks
     pass their own shares (`RolloutBatch.dp_shard`). `batch.old_logp=None` means on-policy
@@ -279,9 +334,10 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     # One DP collective before the forward: the loss normaliser's global counts and the number of
     # token-budget micro-batches every rank runs (the largest local count).
     layout = dict(max_tokens=max_tokens_per_micro_batch, pack=pack_sequences, pad_multiple=_pad_multiple(config))
-    mask_s = shift_left(batch.loss_mask, False)
-    counts = _dp_sum_and_max([float(mask_s.sum()), float((mask_s.sum(-1) > 0).sum()), float(batch.lengths.sum())],
-                             [float(microbatch.local_count(batch, **layout))])
+    if dp_totals is not None:
+        counts = [float(x) for x in dp_totals]
+    else:
+        counts = _dp_sum_and_max(_local_totals(batch), [float(microbatch.local_count(batch, **layout))])
     micro_batches = microbatch.split(batch, micro_batch_size=micro_batch_size, pad_token_id=pad_token_id,
                                      num_bins=int(counts[3]) if max_tokens_per_micro_batch > 0 else None, **layout)
     n_mb = len(micro_batches)
@@ -342,8 +398,12 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
 
-    metrics = _reduce_stats(stats_list) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
-    metrics = _broadcast_from_last_stage(metrics)
+    deferred = defer_stats and ps.get_pipeline_model_parallel_world_size() == 1
+    if deferred:
+        metrics = {_DEFERRED: _sum_stats(stats_list)}
+    else:
+        metrics = _reduce_stats(stats_list) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+        metrics = _broadcast_from_last_stage(metrics)
     elapsed = time.perf_counter() - t0
     metrics.update(
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),

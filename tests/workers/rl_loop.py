@@ -203,6 +203,31 @@ def resume_same_trajectory(root):
           {"start": resumed.start_step, "updated": updated, **diffs})
 
 
+def nonfinite_on_one_dp_rank(root):
+    """DP=2, NaN hidden states on rank 1 only: rank 0's own gradients are finite, but the DDP all-reduce
+    carries the NaN into its sums, so both ranks skip the update without a collective of their own
+    (train/step.py _grads_finite) and keep the same, unchanged weights."""
+    from megatron_dgpo.model.builder import unwrap_model
+
+    tr = trainer(make_cfg(os.path.join(root, "nan_dp"), **{"parallel.tensor_model_parallel_size": 1}))
+    before = [p.detach().clone() for c in tr.policy.chunks for p in c.parameters()]
+    hook = None
+    if dist.get_rank() == 1:
+        last = unwrap_model(tr.policy.chunks)[-1]
+        hook = last.decoder.final_layernorm.register_forward_hook(lambda m, i, out: out * float("nan"))
+    row = tr.step(0)
+    if hook is not None:
+        hook.remove()
+    diff = [float((a - p).abs().max()) for a, p in zip(before, (p for c in tr.policy.chunks for p in c.parameters()))]
+    same = max(diff) == 0.0
+    flags = [None, None]
+    dist.all_gather_object(flags, "non-finite" in str(row.get("skipped")))
+    tr.close()
+    check("nonfinite_on_one_dp_rank_skipped_everywhere", all(flags) and same,
+          {"skipped_per_rank": flags, "weights_unchanged": same, "row": {k: v for k, v in row.items() if k in ("update_successful", "skipped", "grad_norm", "loss")},
+           "diff": diff[:8]})
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -225,6 +250,7 @@ def main():
         ("novar", skipped_step_writes_every_key),
         ("resume", lambda r: resume_same_trajectory(os.path.join(r, "resume"))),
         ("nonfinite", nonfinite_updates_are_skipped),
+        ("nonfinite_dp", nonfinite_on_one_dp_rank),
         ("policy", policy_mechanics),
     ), root, out=args.out)
 
