@@ -16,7 +16,8 @@ sequences per RL step. Runs alternate (P T P T ...), so machine noise hits both.
 
 Per run: median and p10 s/RL step over steps --warmup+1..N (the step's own wall time: rollout,
 reward, old log-probs, update, weight sync; evaluations excluded), generated tokens/s (median over
-those steps of the step's generated tokens / its wall time), peak PSS of the process tree (shared pages split between processes) over the whole run,
+those steps of the step's generated tokens / its wall time), peak PSS of the process tree (shared pages
+split between processes) in the loop (while RL steps --warmup+1..N-1 ran) and over the whole run,
 held-out greedy accuracy after training through the project's own evaluation code, the mean
 1-minute load average during the run (2 cores: load above 2 means others took CPU), and the ratio
 x = median of TRL's fastest run / this run's median (> 1: faster than TRL; TRL's best run, since
@@ -109,14 +110,18 @@ def evaluate_hf(folder: str) -> float:
 
 
 class Monitor(threading.Thread):
-    """Peak PSS of a process tree and the machine's 1-minute load, sampled every 0.25 s."""
+    """Peak PSS of a process tree and the machine's 1-minute load, sampled every 0.25 s; with
+    `progress` (RL steps done so far), also the peak while RL steps warmup+1..steps-1 ran: the
+    loop, without start-up, the final evaluation and the final checkpoint (whose writer
+    processes, megatron-core's, add ~0.2 GB each at the very end)."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, progress=None, window=(0, 0)):
         import psutil
 
         super().__init__(daemon=True)
         self.root, self.psutil = psutil.Process(pid), psutil
         self.peak_pss, self.loads, self.stop = 0, [], False
+        self.progress, self.window, self.loop_pss = progress, window, 0
 
     def run(self):
         while not self.stop:
@@ -131,14 +136,26 @@ class Monitor(threading.Thread):
                 except self.psutil.Error:
                     pass
             self.peak_pss = max(self.peak_pss, pss)
+            if self.progress is not None and self.window[0] <= self.progress() < self.window[1]:
+                self.loop_pss = max(self.loop_pss, pss)
             self.loads.append(os.getloadavg()[0])
             time.sleep(0.25)
 
 
-def run(cmd, env, log: Path):
+def _count(path: Path, text: str = "", div: int = 1) -> int:
+    """Lines of `path` containing `text` (a file holding one integer: that integer), // div."""
+    try:
+        body = path.read_text()
+    except OSError:
+        return 0
+    n = sum(text in x for x in body.splitlines()) if text else int(body.strip() or 0)
+    return n // div
+
+
+def run(cmd, env, log: Path, progress=None, window=(0, 0)):
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-        mon = Monitor(proc.pid)
+        mon = Monitor(proc.pid, progress, window)
         mon.start()
         rc = proc.wait()
         mon.stop = True
@@ -157,7 +174,8 @@ def project_run(a, idx: int) -> dict:
            "tensorboard=false", *over]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     out.mkdir(parents=True, exist_ok=True)
-    mon = run(cmd, env, out.parent / f"{idx:02d}_P.log")
+    mon = run(cmd, env, out.parent / f"{idx:02d}_P.log",
+              progress=lambda: _count(out / "metrics.jsonl", '"kind": "train"'), window=(a.warmup, a.steps))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [r for r in rows if r["kind"] == "train" and r["step"] > a.warmup]
     walls = [r["step_s"] for r in train]
@@ -177,11 +195,12 @@ def trl_run(a, idx: int, trl_py: Path, data: Path, threads: int) -> dict:
            "--threads", str(threads), "--steps", str(a.steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     out.mkdir(parents=True, exist_ok=True)
-    mon = run(cmd, env, out.parent / f"{idx:02d}_T{threads}.log")
+    m = json.loads((data / "meta.json").read_text())["mini_batches"]
+    mon = run(cmd, env, out.parent / f"{idx:02d}_T{threads}.log",
+              progress=lambda: _count(out / "progress", div=m), window=(a.warmup, a.steps))
     tim = json.loads((out / "timings.json").read_text())
     sb = {int(k): v for k, v in tim["step_begin"].items()}
     se = {int(k): v for k, v in tim["step_end"].items()}
-    m = json.loads((data / "meta.json").read_text())["mini_batches"]
     n = len(sb) // m
     walls = [se[m * (k + 1)] - sb[m * k] for k in range(n)][a.warmup:]  # RL step k = optimizer steps mk..mk+m-1
     gen = tim["gen_tokens"][a.warmup:n]
@@ -191,7 +210,8 @@ def trl_run(a, idx: int, trl_py: Path, data: Path, threads: int) -> dict:
 def summary(kind, walls, gen, acc, mon, cmd, split) -> dict:
     q = sorted(walls)
     return {"kind": kind, "median": statistics.median(walls), "p10": q[max(0, len(q) // 10 - 1)],
-            "gen_tok_s": statistics.median(g / w for g, w in zip(gen, walls)), "peak_pss_gb": mon.peak_pss / 2**30, "acc": acc,
+            "gen_tok_s": statistics.median(g / w for g, w in zip(gen, walls)), "peak_pss_gb": mon.peak_pss / 2**30,
+            "loop_pss_gb": mon.loop_pss / 2**30, "acc": acc,
             "load": statistics.mean(mon.loads) if mon.loads else float("nan"), "steps": len(walls),
             "split": split, "cmd": " ".join(cmd)}
 
@@ -225,12 +245,13 @@ def main():
     ref = min(trl_med) if trl_med else float("nan")  # TRL's best run: other jobs only slow runs down
     print(f"\n{os.cpu_count()} CPUs; steps {a.warmup + 1}-{a.steps}; "
           f"x = the median s/step of TRL's ({a.trl_threads} threads) fastest run / this run's")
-    print("| run | what | s/step median | p10 | generated tok/s | peak PSS (GB) | held-out acc | load avg | x |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | what | s/step median | p10 | generated tok/s | peak PSS in the loop (GB) | peak PSS whole run (GB) "
+          "| held-out acc | load avg | x |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(results):
         what = f"project ({a.project_layout})" if r["kind"] == "project" else f"TRL GRPOTrainer ({r['kind'][3:]} threads)"
-        print(f"| {i + 1} | {what} | {r['median']:.3f} | {r['p10']:.3f} | {r['gen_tok_s']:.0f} | {r['peak_pss_gb']:.2f} | "
-              f"{r['acc']:.3f} | {r['load']:.1f} | {ref / r['median']:.2f} |")
+        print(f"| {i + 1} | {what} | {r['median']:.3f} | {r['p10']:.3f} | {r['gen_tok_s']:.0f} | {r['loop_pss_gb']:.2f} | "
+              f"{r['peak_pss_gb']:.2f} | {r['acc']:.3f} | {r['load']:.1f} | {ref / r['median']:.2f} |")
     for i, r in enumerate(results):
         if r["split"]:
             print(f"run {i + 1} stage medians (s): " + ", ".join(f"{k} {v:.3f}" for k, v in r["split"].items()))

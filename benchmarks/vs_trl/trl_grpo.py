@@ -78,6 +78,8 @@ def main() -> None:
 
         def on_step_end(self, args, state, control, **kw):
             rec["step_end"][state.global_step] = time.time()
+            with open(os.path.join(a.out, "progress"), "w") as f:  # optimizer steps done: bench.py's memory window
+                f.write(str(state.global_step))
 
     trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=args, train_dataset=ds,
                           processing_class=tok, callbacks=[Clock()])
