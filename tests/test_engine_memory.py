@@ -20,7 +20,7 @@ class FakeEngine:
 
 
 class FakePolicy:
-    def stream_weights(self, receivers=None, version=0):
+    def stream_weights(self, receivers=None, version=0, local=False):
         return iter([("w", 1), ("b", 2)])
 
 

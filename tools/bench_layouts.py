@@ -12,6 +12,7 @@ Layouts (2 cores):
 
     python tools/bench_layouts.py --steps 20 --repeats 2            # ~5-10 min on 2 idle cores
     python tools/bench_layouts.py --layouts tp2,p1t2 -- algo.mini_batches=1
+    python tools/bench_layouts.py --busy 1      # each run next to one busy-looping process (another job)
 
 The first run pays the SFT warm start (cached under --work/cache, shared by all runs).
 Other processes on the machine slow every run: the load column says how busy it was.
@@ -55,8 +56,14 @@ def run_one(name, args, extra, idx):
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     t0 = time.time()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
     done.set()
     th.join()
     if res.returncode != 0:
@@ -80,6 +87,7 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--eval-prompts", type=int, default=50)
     p.add_argument("--work", default=str(ROOT / "outputs" / "bench_layouts"))
+    p.add_argument("--busy", type=int, default=0, help="busy-looping processes running beside each run")
     p.add_argument("overrides", nargs="*", help="config overrides for every layout")
     args = p.parse_args()
     names = args.layouts.split(",")
@@ -91,7 +99,8 @@ def main():
             results.append(r)
             print(f"  {n}: median {r['median']:.3f} s/step, load {r['load']:.1f}", file=sys.stderr, flush=True)
     base = statistics.median(r["median"] for r in results if r["layout"] == names[0])
-    print(f"\nsteps {args.warmup + 1}-{args.steps}, {os.cpu_count()} CPUs; x = median s/step of {names[0]} / this run's")
+    print(f"\nsteps {args.warmup + 1}-{args.steps}, {os.cpu_count()} CPUs, {args.busy} busy process(es) beside each run; "
+          f"x = median s/step of {names[0]} / this run's")
     print("| layout | run | s/step median | p10 | rollout | reward | old log-probs | update | sync | held-out acc | load avg | x |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(results):
