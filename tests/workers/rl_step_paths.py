@@ -1,11 +1,13 @@
-"""torchrun worker (2 processes, TP=2, embedded engine): the old log-prob paths of an RL step.
+"""torchrun worker (2 processes, TP=2 unless stated, embedded engine): the old log-prob paths of an RL step.
 
 * on-policy shortcut (one mini-batch, one epoch): the update with the forward's own detached
   log-probs as pi_old gives the recompute path's loss, gradients and weights (fp32, 1e-6), and
   the trainer's step then runs no old-log-prob forward;
 * `rollout` on the embedded engine: one update's loss and gradients within 1e-5 (relative) of
   `trainer` (recompute) on the same batch and weights;
-* collectives per RL step by stage (tests/collectives.py), measured on a steady-state step.
+* collectives per RL step by stage (tests/collectives.py), measured on a steady-state step;
+* DP=2: the update's collective-free normaliser counts and once-per-step metric reduction equal
+  the per-step collectives, bit for bit.
 """
 from __future__ import annotations
 
@@ -159,6 +161,45 @@ def collectives_per_stage(root, layout):
           detail)
 
 
+def local_totals_equal_collective(root):
+    """DP=2, 2 mini-batches: Policy.update's normaliser counts computed from every rank's share
+    (`dp_totals_of`, no collective) and its metrics reduced once for the RL step
+    (`reduce_deferred`) give the collective path's metrics and weights, bit for bit."""
+    import megatron_dgpo.rl.policy as policy_mod
+
+    cfg = make_cfg(os.path.join(root, "dp_totals"), **{"parallel.tensor_model_parallel_size": 1,
+                                                        "algo.mini_batches": 2, "optim.lr": 1e-3})
+    tr = trainer(cfg)
+    batch = rollout_batch(tr, 13)
+    b, _, _ = old_logp.with_old_logp(tr.policy, batch, "trainer", tr.temperature)
+    twin = Policy(cfg)
+    with torch.no_grad():
+        for x, y in zip((p for c in twin.chunks for p in c.parameters()), (p for c in tr.policy.chunks for p in c.parameters())):
+            x.copy_(y)
+    twin.optimizer.reload_model_params()
+    fast = tr.policy.update(b, temperature=tr.temperature, lr=cfg.optim.lr)
+    real = policy_mod.train_step
+
+    def collective(*a, **k):  # each step's own DP collectives, as a caller without the shares has
+        k.pop("dp_totals"), k.pop("defer_stats")
+        return real(*a, **k)
+
+    policy_mod.train_step = collective
+    try:
+        slow = twin.update(b, temperature=tr.temperature, lr=cfg.optim.lr)
+    finally:
+        policy_mod.train_step = real
+    skip = {"step_time_s", "tokens_per_s"}
+    diff = {k: (f[k], s_[k]) for f, s_ in zip(fast, slow) for k in f if k not in skip and not
+            (f[k] == s_[k] or (isinstance(f[k], float) and math.isnan(f[k]) and math.isnan(s_[k])))}
+    same_keys = [sorted(set(f) - skip) == sorted(set(s_) - skip) for f, s_ in zip(fast, slow)]
+    weights = max_diff(params(tr.policy), params(twin))
+    tr.close()
+    check(f"local_dp_totals_equal_collective_rank{dist.get_rank()}",
+          len(fast) == len(slow) == 2 and all(same_keys) and not diff and weights == 0.0,
+          {"diff": diff, "same_keys": same_keys, "weights": weights})
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -166,7 +207,8 @@ def main():
     root = os.path.dirname(os.path.abspath(args.out))
     run_cases((("shortcut", shortcut_equals_recompute), ("rollout_src", rollout_source_matches_trainer),
                ("collectives_tp2", lambda r: collectives_per_stage(r, "tp2")),
-               ("collectives_dp2", lambda r: collectives_per_stage(r, "dp2"))), root)
+               ("collectives_dp2", lambda r: collectives_per_stage(r, "dp2")),
+               ("dp_totals", local_totals_equal_collective)), root)
     # rank 1's checks travel to rank 0, which writes the results
     box = [RESULTS]
     all_results = [None] * dist.get_world_size()
