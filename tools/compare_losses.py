@@ -227,6 +227,7 @@ def main(argv=None):
     p.add_argument("--replot", action="store_true", help="only re-read the runs in --out and rewrite table and figures")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))  # run as `python tools/compare_losses.py` from a checkout
     from megatron_dgpo.config import TrainConfig
     from megatron_dgpo.configio import load_config
 
