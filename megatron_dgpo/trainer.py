@@ -17,6 +17,7 @@ from megatron_dgpo.rl.engines import EngineMemory, build_engine, sync_weights
 from megatron_dgpo.rl.evaluate import evaluate
 from megatron_dgpo.rl.guard import CollapseMonitor, TooManySkippedSteps, require_finite_weights  # noqa: F401
 from megatron_dgpo.rl.memory import StageMemory
+from megatron_dgpo.loss.diagnostics import summarize as summarize_diagnostics
 from megatron_dgpo.rl.metrics import MetricsLogger, complete_row, plot_run
 from megatron_dgpo.rl.policy import Policy
 from megatron_dgpo.rl.setup import load_data, load_tokenizer_for
@@ -157,7 +158,7 @@ class RLTrainer:
             self.stage_memory.end()
             if math.isnan(gap) and updates:  # not recomputed: the first update ran on the rollout's weights
                 gap = updates[0].get("rollout_logp_abs_diff", gap)
-            row.update(_merge_updates(updates), train_rollout_logp_gap=gap, update_s=time.perf_counter() - t1)
+            row.update(summarize_diagnostics(_merge_updates(updates), updates), train_rollout_logp_gap=gap, update_s=time.perf_counter() - t1)
             row["update_tokens_per_s"] = row.get("tokens", 0.0) / max(row["update_s"], 1e-9)
             if not math.isfinite(row.get("loss", float("nan"))) or row.get("update_successful", 1.0) < 1:
                 self.skipped += 1

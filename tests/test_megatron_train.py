@@ -71,7 +71,8 @@ def _launch(reference, mode, nproc):
 _TWO = [f"{c}/{k}" for c in ("tp2", "pp2", "pp2_uneven_1_3", "dp2") for k in
         ["runs", "forward_logprobs", "final_weights"] +
         [f"step{s}/{m}" for s in range(C.STEPS) for m in ("loss", "grad_norm", "entropy", "ln_tokens",
-                                                           "hp_tokens", "w_ln_mean", "rollout_logp_abs_diff")]]
+                                                           "hp_tokens", "w_ln_mean", "rollout_logp_abs_diff",
+                                                           "diagnostics")]]
 _TWO += ["tp2/logits_grad_vs_float64", "tp2/loss_vs_float64", "dp2/logits_grad_vs_float64",
          "dp2/loss_vs_float64", "pp2/resume_metrics", "pp2/resume_weights"]
 _TWO += [f"tied_pp2/step{s}/{k}" for s in range(C.STEPS) for k in ("loss", "grad_norm")]

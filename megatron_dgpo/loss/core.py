@@ -9,6 +9,7 @@ import torch
 
 from megatron_dgpo.loss.aggregate import Number, aggregate
 from megatron_dgpo.loss.config import PolicyLossConfig
+from megatron_dgpo.loss.diagnostics import token_sums
 from megatron_dgpo.loss.methods import LOG_RATIO_CLAMP
 from megatron_dgpo.loss.registry import TokenContext, get_loss
 
@@ -46,6 +47,8 @@ def policy_loss(config: PolicyLossConfig, logp: torch.Tensor, old_logp: torch.Te
     ln = terms.ln if terms.ln is not None else ctx.ln
     hp = terms.hp if terms.hp is not None else ctx.hp
     metrics = _metrics(loss, mask, ln, hp, terms.dual, terms.w_logp, clamped)
+    # Summable W_p histograms / gradient-mass sums of LN and HP tokens (loss/diagnostics.py).
+    metrics.update(token_sums(lp, old, adv, terms.w_logp, mask, ln, hp))
     return loss, metrics
 
 

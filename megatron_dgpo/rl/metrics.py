@@ -49,6 +49,18 @@ MEMORY_KEYS = {
     "mem/sync_peak_gb": "peak memory per rank during the weight sync (GB)",
 }
 TRAIN_KEYS.update(MEMORY_KEYS)
+# What the losses do on the trust-region boundary (megatron_dgpo/loss/diagnostics.py): W_p =
+# W_logp / pi on LN / HP tokens from an exactly reduced histogram (quantiles within one bin, a
+# factor 10^(1/4); max = the upper edge of the highest non-empty bin), NaN without such tokens.
+DIAGNOSTIC_KEYS = {
+    **{f"wp_{r}_{q}": f"{q} of W_p on {r.upper()} tokens" for r in ("ln", "hp") for q in ("p50", "p90", "p99", "max")},
+    "grad_share_ln": "LN share of the logit-gradient mass sum |A| W_logp (1 - pi) (estimate, loss/diagnostics.py)",
+    "grad_share_hp": "HP share of the same",
+    "ln_lowp_frac": "fraction of LN tokens with pi_old < 1e-3",
+    "grad_norm_max": "largest gradient norm of the step's optimizer steps (spikes)",
+    "nonfinite_updates": "optimizer steps of the RL step skipped for a non-finite loss or gradient",
+}
+TRAIN_KEYS.update(DIAGNOSTIC_KEYS)
 
 
 def complete_row(row: dict) -> dict:

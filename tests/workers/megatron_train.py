@@ -123,6 +123,12 @@ def train_layout(name, tp, pp, ref, refdir, tmp, *, mbs, vpp=None, sp=False, dis
         for key in ("loss", "grad_norm", "entropy", "ln_tokens", "hp_tokens", "w_ln_mean", "rollout_logp_abs_diff"):
             check(f"{name}/step{step}/{key}", C.close(metrics[-1][key], r[key]),
                   f"{metrics[-1][key]!r} vs reference {r[key]!r}")
+        # LN/HP diagnostics (W_p histogram, gradient mass; loss/diagnostics.py): summed over
+        # micro-batches and ranks like the token counts, so equal to the one-process reference.
+        diag = [k for k in r if k.startswith("diag_")]
+        bad = [(k, metrics[-1].get(k), r[k]) for k in diag if not C.close(metrics[-1].get(k, float("nan")), r[k])]
+        check(f"{name}/step{step}/diagnostics", diag and not bad and any(r[k] for k in diag if "_wp_ln_" in k),
+              f"{len(diag)} keys; differ: {bad[:4]}")
 
     if logits_check:
         last = ps.is_pipeline_last_stage(ignore_virtual=True)
