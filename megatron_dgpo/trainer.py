@@ -249,7 +249,9 @@ def _merge_updates(updates: list[dict]) -> dict:
     out = {}
     for key in updates[0]:
         vals = [u[key] for u in updates]
-        if key.endswith("_tokens") or key in ("tokens", "step_time_s", "computed_tokens"):
+        if isinstance(vals[0], list):  # a vector of counts (loss/diagnostics.py histograms)
+            out[key] = [sum(x) for x in zip(*vals)]
+        elif key.endswith("_tokens") or key in ("tokens", "step_time_s", "computed_tokens"):
             out[key] = sum(vals)
         elif key in ("lr", "num_microbatches", "normalizer"):
             out[key] = vals[-1]

@@ -14,6 +14,11 @@ from megatron_dgpo.loss import diagnostics as D
 L, U = 0.8, 1.2
 
 
+
+def _floats(metrics):
+    """policy_loss's metrics as train_step returns them: floats, lists for the histograms."""
+    return {k: (v.tolist() if v.numel() > 1 else float(v)) for k, v in metrics.items()}
+
 def _batch(seed=0, b=6, s=40):
     g = torch.Generator().manual_seed(seed)
     old = torch.log(torch.rand(b, s, generator=g, dtype=torch.float64) * 0.999 + 1e-6)
@@ -64,7 +69,7 @@ def test_diagnostics_match_float64_reference(name):
     assert ref["ln"].sum() >= 10 and ref["hp"].sum() >= 10  # the batch exercises both regions
     for region in D.REGIONS:
         sel = ref[region]
-        bins = np.array([float(metrics[D._bin_key(region, i)]) for i in range(D.NUM_BINS)])
+        bins = np.array(metrics[D.hist_key(region)].tolist())
         np.testing.assert_array_equal(bins, _ref_bins(ref["wp"][sel]))
     lowp = (ref["ln"] & (ref["old"] < math.log(1e-3))).sum()
     assert lowp > 0 and float(metrics["diag_ln_lowp_tokens"]) == lowp
@@ -72,7 +77,7 @@ def test_diagnostics_match_float64_reference(name):
     for key, sel in (("all", ref["mask"]), ("ln", ref["ln"]), ("hp", ref["hp"])):
         assert float(metrics[f"diag_gmass_{key}_tokens"]) == pytest.approx(mass[sel].sum(), rel=1e-12, abs=1e-300)
 
-    row = D.summarize({**{k: float(v) for k, v in metrics.items()}})
+    row = D.summarize(_floats(metrics))
     step = 10 ** (1 / D.BINS_PER_DECADE)
     for region in D.REGIONS:
         vals = ref["wp"][ref[region]]
@@ -96,7 +101,7 @@ def test_soft_clip_weights_explode_and_dgpo_stays_bounded():
     rows = {}
     for name in ("dgpo", "cispo"):
         _, m = policy_loss(PolicyLossConfig(name=name), logp, old, adv, mask)
-        rows[name] = D.summarize({k: float(v) for k, v in m.items()})
+        rows[name] = D.summarize(_floats(m))
     ln = _reference("dgpo", logp, old, adv, mask)["ln"]
     bound = float(np.exp(-old.numpy())[ln].max())
     assert rows["dgpo"]["wp_ln_max"] <= bound * 10 ** (1 / D.BINS_PER_DECADE)
@@ -111,7 +116,8 @@ def test_diagnostics_add_up_over_any_split():
     parts = [policy_loss(cfg, logp[i:j], old[i:j], adv[i:j], mask[i:j])[1] for i, j in ((0, 1), (1, 4), (4, 6))]
     for key in whole:
         if key.startswith("diag_"):
-            assert float(sum(p[key] for p in parts)) == pytest.approx(float(whole[key]), rel=1e-12, abs=1e-12), key
+            total = sum(p[key] for p in parts)
+            torch.testing.assert_close(total, whole[key], rtol=1e-12, atol=1e-12, msg=key)
 
 
 def test_summarize_step_level_keys():
@@ -120,7 +126,7 @@ def test_summarize_step_level_keys():
     row = D.summarize({"loss": 1.0}, updates)
     assert row["grad_norm_max"] == 7.5 and row["nonfinite_updates"] == 1.0
     # no LN/HP token anywhere: quantiles undefined (NaN), shares 0
-    empty = {D._bin_key(r, i): 0.0 for r in D.REGIONS for i in range(D.NUM_BINS)}
+    empty = {D.hist_key(r): [0.0] * D.NUM_BINS for r in D.REGIONS}
     empty.update(diag_gmass_all_tokens=1.0, diag_gmass_ln_tokens=0.0, diag_gmass_hp_tokens=0.0,
                  diag_ln_lowp_tokens=0.0, ln_tokens=0.0)
     row = D.summarize(empty)

@@ -33,8 +33,10 @@ QUANTILES = (0.5, 0.9, 0.99)
 REGIONS = ("ln", "hp")
 
 
-def _bin_key(region: str, i: int) -> str:
-    return f"diag_wp_{region}_h{i:02d}_tokens"
+def hist_key(region: str) -> str:
+    """The key of a region's W_p histogram: one [NUM_BINS] vector of token counts (a sum, like
+    every `_tokens` key: train.step reduces vectors in the same all-reduce as scalars)."""
+    return f"diag_wp_{region}_hist_tokens"
 
 
 def bin_index(wp: torch.Tensor) -> torch.Tensor:
@@ -55,8 +57,7 @@ def token_sums(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, w_
     out = {}
     for region, sel in (("ln", ln), ("hp", hp)):
         hist = torch.zeros(NUM_BINS, dtype=lp.dtype, device=lp.device)
-        hist.scatter_add_(0, idx, sel.reshape(-1).to(lp.dtype))
-        out.update({_bin_key(region, i): c for i, c in enumerate(hist.unbind())})
+        out[hist_key(region)] = hist.scatter_add_(0, idx, sel.reshape(-1).to(lp.dtype))
     out["diag_ln_lowp_tokens"] = (ln & (old < math.log(LOW_PI_OLD))).sum().to(lp.dtype)
     mass = torch.where(mask, a.abs() * w.abs() * (1.0 - pi).clamp(min=0.0), 0.0)
     out["diag_gmass_all_tokens"] = mass.sum()
@@ -97,9 +98,9 @@ def summarize(merged: Dict[str, float], updates: Iterable[Dict[str, float]] = ()
     wp_{ln,hp}_p50/p90/p99/max (NaN without such tokens), grad_share_{ln,hp}, ln_lowp_frac,
     and from the step's optimizer steps grad_norm_max and nonfinite_updates."""
     out = {k: v for k, v in merged.items() if not k.startswith("diag_")}
-    if _bin_key("ln", 0) in merged:
+    if hist_key("ln") in merged:
         for region in REGIONS:
-            counts = [float(merged[_bin_key(region, i)]) for i in range(NUM_BINS)]
+            counts = [float(c) for c in merged[hist_key(region)]]
             for q in QUANTILES:
                 out[f"wp_{region}_p{round(q * 100)}"] = _quantile(counts, q) if sum(counts) else float("nan")
             out[f"wp_{region}_max"] = _max(counts)

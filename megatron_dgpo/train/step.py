@@ -178,10 +178,15 @@ def _dp_all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 def _policy_stats(metrics: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Per-micro-batch metrics -> {name: [numerator, denominator]} for exact global reduction."""
+    """Per-micro-batch metrics -> {name: [numerator, denominator]} for exact global reduction
+    (a vector-valued sum, e.g. a histogram of token counts, -> [n, 2])."""
     out = {}
     n = metrics.get("valid_tokens")
     for key, value in metrics.items():
+        if value.numel() > 1:  # vectors are sums (counts per bin)
+            v = value.detach().double().reshape(-1)
+            out[key] = torch.stack([v, torch.zeros_like(v)], -1)
+            continue
         v = value.detach().double().reshape(())
         if key in _SUM_KEYS or key.endswith("_tokens"):
             out[key] = torch.stack([v, v.new_zeros(())])
@@ -196,17 +201,23 @@ _DEFERRED = "_deferred_stats"
 
 
 def _sum_stats(stats_list: List[Dict[str, torch.Tensor]]):
-    """(keys, this rank's [K, 2] numerator/denominator sums over its micro-batches)."""
+    """(layout [(key, rows)], this rank's [R, 2] numerator/denominator sums over its micro-batches)."""
     keys = sorted(stats_list[0]) if stats_list else []
     dev = _device()
     if not keys:
-        return keys, torch.zeros((0, 2), dtype=torch.float64, device=dev)
-    return keys, torch.stack([torch.stack([s[k].to(dev) for k in keys]) for s in stats_list]).sum(0)
+        return [], torch.zeros((0, 2), dtype=torch.float64, device=dev)
+    layout = [(k, stats_list[0][k].numel() // 2) for k in keys]
+    return layout, torch.stack([torch.cat([s[k].to(dev).reshape(-1, 2) for k in keys]) for s in stats_list]).sum(0)
 
 
-def _divide(keys, packed: torch.Tensor) -> Dict[str, float]:
-    out = {}
-    for k, (num, den) in zip(keys, packed.cpu().tolist()):
+def _divide(layout, packed: torch.Tensor) -> Dict[str, float]:
+    rows, out, at = packed.cpu().tolist(), {}, 0
+    for k, n in layout:
+        part, at = rows[at:at + n], at + n
+        if n > 1:  # a vector-valued sum: a list of floats
+            out[k] = [num for num, _ in part]
+            continue
+        num, den = part[0]
         out[k] = num if den == 0 else (num / den if den > 0 else 0.0)  # sum-type entries: denominator 0
     return out
 
@@ -215,8 +226,8 @@ def _reduce_stats(stats_list: List[Dict[str, torch.Tensor]]) -> Dict[str, float]
     """Sum micro-batch stats, all-reduce over DP, divide."""
     if not stats_list:
         return {}
-    keys, packed = _sum_stats(stats_list)
-    return _divide(keys, _dp_all_reduce(packed))
+    layout, packed = _sum_stats(stats_list)
+    return _divide(layout, _dp_all_reduce(packed))
 
 
 def reduce_deferred(steps: List[Dict[str, float]]) -> List[Dict[str, float]]:
@@ -228,10 +239,10 @@ def reduce_deferred(steps: List[Dict[str, float]]) -> List[Dict[str, float]]:
     parts = [steps[i][_DEFERRED] for i in todo]
     reduced = _dp_all_reduce(torch.cat([packed for _, packed in parts]))
     out, at = list(steps), 0
-    for i, (keys, packed) in zip(todo, parts):
+    for i, (layout, packed) in zip(todo, parts):
         m = {k: v for k, v in steps[i].items() if k != _DEFERRED}
-        m.update(_divide(keys, reduced[at:at + len(keys)]))
-        at += len(keys)
+        m.update(_divide(layout, reduced[at:at + packed.shape[0]]))
+        at += packed.shape[0]
         out[i] = m
     return out
 
