@@ -178,12 +178,11 @@ class HFRolloutEngine(RolloutEngine):
         # prompts run once, then every row takes its prompt's KV cache and last-position logits.
         first: dict[int, int] = {}
         inverse = [first.setdefault(pi, len(first)) for pi, _ in rows]
+        expand = None
         prompts = [p for _, p in rows]
         if self.share_prefill and len(first) < B:
-            prompts = [p for p in {pi: p for pi, p in rows}.values()]
+            prompts = list({pi: p for pi, p in rows}.values())  # in order of first appearance, as `first`
             expand = torch.tensor(inverse, dtype=torch.long, device=dev)
-        else:
-            expand = None
         L = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), L), self.pad_token_id, dtype=torch.long, device=dev)
         mask = torch.zeros((len(prompts), L), dtype=torch.long, device=dev)

@@ -149,6 +149,7 @@ class _Par:
     tp_group: object = None
     tp_src: int = 0
     pp_rank: int = 0
+    pp: int = 1
     dp_cp_rank: int = 0
     distributed: bool = False
 
@@ -168,21 +169,12 @@ def _parallel_info() -> _Par:
         p.tp_group = ps.get_tensor_model_parallel_group()
         p.tp_src = ps.get_tensor_model_parallel_src_rank()
         p.pp_rank = ps.get_pipeline_model_parallel_rank()
+        p.pp = ps.get_pipeline_model_parallel_world_size()
         p.dp_cp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     else:
         p.tp_src = p.rank
         p.dp_cp_rank = p.rank
     return p
-
-
-def _pipeline_size() -> int:
-    try:
-        from megatron.core import parallel_state as ps
-        if ps.model_parallel_is_initialized():
-            return ps.get_pipeline_model_parallel_world_size()
-    except ImportError:  # pragma: no cover
-        pass
-    return 1
 
 
 # ----------------------------------------------------------------------------- local parameters
@@ -330,9 +322,9 @@ class WeightStreamer:
                  bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None,
                  target_tp: int | None = None, integrity: str = "transfer", reuse_buffers: bool = False,
                  device: torch.device | str | None = None, local: bool = False):
+        par = _parallel_info()
         if local:
-            par = _parallel_info()
-            if par.tp > 1 or _pipeline_size() > 1 or receivers is not None or target_tp is not None:
+            if par.tp > 1 or par.pp > 1 or receivers is not None or target_tp is not None:
                 raise ValueError("local=True streams a whole replica to this rank: it needs TP = PP = 1 "
                                  "and no receivers / target_tp")
         if integrity not in ("transfer", "always", "off"):
@@ -342,7 +334,7 @@ class WeightStreamer:
         self.model = model
         self.cfg = model_cfg
         self.rules = get_layout(model_cfg)
-        self.par = _Par() if local else _parallel_info()  # local: a world of one, this rank
+        self.par = _Par() if local else par  # local: a world of one, this rank
         self.bucket_bytes = int(bucket_bytes)
         self.dtype = dtype
         self.integrity = integrity

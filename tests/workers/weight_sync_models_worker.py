@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from weight_sync_common import (  # noqa: E402
-    RESULTS, check, load_hf_from_tensors, reference_inference_shards, save_hf_model, tiny_config,
+    RESULTS, check, reference_inference_shards, save_hf_model, tiny_config,
 )
-from weight_sync_worker import megatron_logits, shards_match  # noqa: E402
+from weight_sync_worker import logits_match_transformers, shards_match  # noqa: E402
 
 from megatron_dgpo import distributed as mdist  # noqa: E402
 from megatron_dgpo.model.builder import build_model_chunks, unwrap_model  # noqa: E402
@@ -157,16 +157,7 @@ def main():
             return not bad and set(received) == set(ref), f"bad={bad[:3]} extra={sorted(set(received) - set(ref))[:3]}"
         check(f"{name}/round_trip_bitexact", round_trip)
 
-        def logits():
-            hf = load_hf_from_tensors(cfg, received.items())
-            ours = megatron_logits(chunks, tokens)
-            if ours is None:
-                return True, "not last stage"
-            with torch.no_grad():
-                theirs = hf(input_ids=tokens).logits
-            err = ((ours[..., : cfg.vocab_size] - theirs).abs().max() / theirs.abs().max()).item()
-            return err < 1e-5, f"max rel err {err:.2e}"
-        check(f"{name}/logits_match_transformers", logits)
+        check(f"{name}/logits_match_transformers", lambda: logits_match_transformers(cfg, received, chunks, tokens))
 
         def inference_shards():
             receivers = list(range(itp))[::-1]
