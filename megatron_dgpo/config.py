@@ -119,6 +119,10 @@ class AlgoConfig:
     max_tokens_per_micro_batch: int = 0
     # Pack each micro-batch's sequences into one THD row (needs attention_backend sdpa or te).
     pack_sequences: bool = False
+    # Rows of a micro-batch with the same prompt share one copy of it in a packed row (a tree
+    # attention mask; the same logits as their own rows): a group of G samples computes its prompt
+    # once instead of G times. Needs parallel.attention_backend sdpa; replaces pack_sequences.
+    share_prompt_prefix: bool = False
     advantage: Literal["grpo", "drgrpo"] = "grpo"
     filter_zero_variance: bool = True
     # auto: the rollout engine's log-probs where they are the trainer's numbers (embedded engine,
@@ -191,6 +195,9 @@ class TrainConfig:
                 self.parallel.attention_backend == "auto" and self.parallel.transformer_impl == "transformer_engine"):
             raise ValueError("algo.pack_sequences needs parallel.attention_backend sdpa or te "
                              f"(got {self.parallel.attention_backend!r}: Megatron's local attention has no THD path)")
+        if self.algo.share_prompt_prefix and self.parallel.attention_backend != "sdpa":
+            raise ValueError("algo.share_prompt_prefix needs parallel.attention_backend sdpa (its tree mask "
+                             f"is an explicit attention mask), got {self.parallel.attention_backend!r}")
         if self.algo.max_tokens_per_micro_batch < 0:
             raise ValueError(f"algo.max_tokens_per_micro_batch={self.algo.max_tokens_per_micro_batch} must be >= 0")
         if self.optimizer_checkpoint_format not in OPTIM_FORMATS:

@@ -76,21 +76,24 @@ _TWO = [f"{c}/{k}" for c in ("tp2", "pp2", "pp2_uneven_1_3", "dp2") for k in
 _TWO += ["tp2/logits_grad_vs_float64", "tp2/loss_vs_float64", "dp2/logits_grad_vs_float64",
          "dp2/loss_vs_float64", "pp2/resume_metrics", "pp2/resume_weights"]
 _TWO += [f"tied_pp2/step{s}/{k}" for s in range(C.STEPS) for k in ("loss", "grad_norm")]
-# token-budget and packed (THD, SDPA) micro-batches against the padded reference
+# token-budget, packed (THD, SDPA) and shared-prefix micro-batches against the padded reference
 _TWO += [f"{c}/{k}" for c in ("budget_tp2_sp", "budget_pp2", "budget_dp2", "packed_tp2_sp", "packed_pp2",
-                              "packed_dp2") for k in
+                              "packed_dp2", "prefix_tp2_sp", "prefix_pp2", "prefix_dp2") for k in
          ["runs", "forward_logprobs", "final_weights", "grads_vs_padded", "weights_vs_padded"] +
          [f"step{s}/{m}" for s in range(C.STEPS) for m in ("loss", "grad_norm", "entropy", "w_ln_mean",
                                                            "rollout_logp_abs_diff")]]
+_TWO += [f"{c}/shares_prompts" for c in ("prefix_tp2_sp", "prefix_pp2", "prefix_dp2")]
 _FOUR = [f"{c}/{k}" for c in ("tp2pp2", "tp2dp2_sp_distopt", "pp2dp2_vpp2") for k in
          ["runs", "forward_logprobs", "final_weights"] +
          [f"step{s}/{m}" for s in range(C.STEPS) for m in ("loss", "grad_norm", "entropy")]]
 _FOUR += ["tp2pp2/logits_grad_vs_float64", "tp2pp2/loss_vs_float64", "tp2pp2/resume_metrics",
           "tp2pp2/resume_weights", "tp2dp2_sp_distopt/resume_metrics", "tp2dp2_sp_distopt/resume_weights",
           "pp2dp2_vpp2/logits_grad_vs_float64"]
-_FOUR += [f"{c}/{k}" for c in ("budget_tp2pp2_sp", "budget_pp2dp2", "packed_tp2dp2_sp_distopt") for k in
+_FOUR += [f"{c}/{k}" for c in ("budget_tp2pp2_sp", "budget_pp2dp2", "packed_tp2dp2_sp_distopt",
+                               "prefix_tp2pp2_sp") for k in
           ["runs", "forward_logprobs", "final_weights", "grads_vs_padded", "weights_vs_padded"] +
           [f"step{s}/{m}" for s in range(C.STEPS) for m in ("loss", "grad_norm", "entropy")]]
+_FOUR += ["prefix_tp2pp2_sp/shares_prompts"]
 _FOUR += [f"{c}/{k}" for c in ("distopt_tp2dp2_to_pp2dp2", "distopt_tp2dp2_to_tp1dp4")
           for k in ("step1/loss", "step1/grad_norm", "final_weights")]
 

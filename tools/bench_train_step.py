@@ -10,6 +10,8 @@ Layouts (train/microbatch.py), each with the attention backends it supports:
   padded   micro_batch_size rows, every row padded to the batch's longest sequence (the original path)
   budget   token-budget micro-batches (--max-tokens), each padded to its own longest row
   packed   token-budget THD rows (cu_seqlens), sdpa or te attention only
+  prefix   token-budget packed rows in which the --group-size samples of a prompt share it (tree
+           mask, algo.share_prompt_prefix), sdpa only
 Backends: local (Megatron's unfused DotProductAttention), sdpa (model/attention.py), te (CUDA with
 Transformer Engine installed).
 
@@ -47,23 +49,28 @@ CPU_MODEL = ModelConfig(arch="qwen2", vocab_size=4096, hidden_size=128, num_laye
                         num_query_groups=2, ffn_hidden_size=352, max_position_embeddings=16384,
                         qkv_bias=True, tie_word_embeddings=False, make_vocab_size_divisible_by=128)
 LAYOUTS = (("padded", "local"), ("padded", "sdpa"), ("budget", "local"), ("budget", "sdpa"),
-           ("packed", "sdpa"), ("padded", "te"), ("budget", "te"), ("packed", "te"))
+           ("packed", "sdpa"), ("prefix", "sdpa"), ("padded", "te"), ("budget", "te"), ("packed", "te"))
 
 
-def lengths(n, prompt_len, max_new, seed):
+def lengths(n, prompt_len, max_new, seed, group=1):
+    """Prompt and response lengths of n rows; rows i // group share a prompt."""
     g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(max(prompt_len - 50, 1), prompt_len + 51, (n,), generator=g)
+    prompts = torch.randint(max(prompt_len - 50, 1), prompt_len + 51, (-(-n // group),), generator=g)
+    prompts = prompts.repeat_interleave(group)[:n]
     mu = math.log(max(max_new / 6, 1.0))
     resp = torch.exp(mu + 1.0 * torch.randn(n, generator=g)).ceil().clamp(1, max_new).long()
     return prompts, resp
 
 
-def make_batch(prompts, resp, vocab, seed):
+def make_batch(prompts, resp, vocab, seed, group=1):
     g = torch.Generator().manual_seed(seed + 1)
     total = prompts + resp
     s = int(total.max())
     pos = torch.arange(s)[None, :]
-    tokens = torch.where(pos < total[:, None], torch.randint(0, vocab, (len(total), s), generator=g), 0)
+    tokens = torch.randint(0, vocab, (len(total), s), generator=g)
+    first = torch.arange(len(total)) // group * group  # the group's first row holds its prompt
+    tokens = torch.where(pos < prompts[:, None], tokens[first], tokens)
+    tokens = torch.where(pos < total[:, None], tokens, 0)
     mask = (pos >= prompts[:, None]) & (pos < total[:, None])
     adv = torch.randn(len(total), generator=g)
     return RolloutBatch(tokens=tokens, loss_mask=mask, advantages=adv, lengths=total)
@@ -91,7 +98,8 @@ def run_layout(layout, backend, args, model_cfg, init_state, batch, device):
     opt.reload_model_params()
     kw = dict(micro_batch_size=args.micro_batch_size)
     if layout != "padded":
-        kw.update(max_tokens_per_micro_batch=args.max_tokens, pack_sequences=layout == "packed")
+        kw.update(max_tokens_per_micro_batch=args.max_tokens,
+                  pack_sequences="prefix" if layout == "prefix" else layout == "packed")
     loss_cfg = PolicyLossConfig(name="dgpo")
     times, first = [], None
     for i in range(args.repeats + 1):
@@ -112,21 +120,22 @@ def run_layout(layout, backend, args, model_cfg, init_state, batch, device):
 
 
 def efficiency_table(args):
-    prompts, resp = lengths(args.plan_batch, args.prompt_len, args.plan_max_new_tokens, args.seed + 7)
-    batch = make_batch(prompts, resp, 16, args.seed)
+    prompts, resp = lengths(args.plan_batch, args.prompt_len, args.plan_max_new_tokens, args.seed + 7, args.group_size)
+    batch = make_batch(prompts, resp, 16, args.seed, args.group_size)
     real = float(batch.lengths.sum())
     rows = []
-    for layout in ("padded", "budget", "packed"):
+    for layout in ("padded", "budget", "packed", "prefix"):
         kw = dict(micro_batch_size=args.micro_batch_size, equalise_over_dp=False)
         if layout != "padded":
-            kw.update(max_tokens=args.plan_max_tokens, pack=layout == "packed")
+            kw.update(max_tokens=args.plan_max_tokens, pack="prefix" if layout == "prefix" else layout == "packed")
         mbs = microbatch.split(batch, **kw)
         computed = sum(m.computed_tokens for m in mbs)
         rows.append((layout, len(mbs), real / computed))
     print(f"\nUseful-token efficiency, {args.plan_batch} sequences, prompts ~{args.prompt_len}, responses "
           f"clipped at {args.plan_max_new_tokens} (median {int(resp.median())}, "
           f"{int((resp == args.plan_max_new_tokens).sum())} at the limit), budget {args.plan_max_tokens} tokens, "
-          f"micro_batch_size {args.micro_batch_size} (padded):")
+          f"micro_batch_size {args.micro_batch_size} (padded), {args.group_size} samples per prompt "
+          f"(useful > 100 %: a shared prompt is computed once for several rows):")
     print("| layout | micro-batches | useful tokens |\n|---|---|---|")
     for layout, n, eff in rows:
         print(f"| {layout} | {n} | {eff:.1%} |")
@@ -142,6 +151,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=4096, help="token budget per micro-batch")
     ap.add_argument("--micro-batch-size", type=int, default=2, help="rows per micro-batch of the padded layout")
+    ap.add_argument("--group-size", type=int, default=1, help="samples per prompt (rows sharing a prompt)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--layouts", default=",".join(f"{a}/{b}" for a, b in LAYOUTS),
                     help="comma-separated layout/backend pairs (te ones are skipped without TE)")
@@ -166,8 +176,8 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
     distributed.initialize(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=args.seed)
-    prompts, resp = lengths(args.batch, args.prompt_len, args.max_new_tokens, args.seed)
-    batch = make_batch(prompts, resp, model_cfg.vocab_size, args.seed)
+    prompts, resp = lengths(args.batch, args.prompt_len, args.max_new_tokens, args.seed, args.group_size)
+    batch = make_batch(prompts, resp, model_cfg.vocab_size, args.seed, args.group_size)
     have_te = args.device == "cuda" and importlib.util.find_spec("transformer_engine") is not None
     pairs = [tuple(x.split("/")) for x in args.layouts.split(",") if x]
     pairs = [(a, b) for a, b in pairs if b != "te" or have_te]
@@ -186,7 +196,7 @@ def main():
     lens = batch.lengths.tolist()
     print(f"One policy-update step on {args.device} ({torch.__version__}, {torch.get_num_threads()} threads), "
           f"model hidden {model_cfg.hidden_size} x {model_cfg.num_layers} layers, vocab {model_cfg.vocab_size}, "
-          f"{args.dtype}; {args.batch} sequences, prompts ~{args.prompt_len}, responses median "
+          f"{args.dtype}; {args.batch} sequences ({args.group_size} per prompt), prompts ~{args.prompt_len}, responses median "
           f"{int(resp.median())} max {int(resp.max())} (clip {args.max_new_tokens}); {int(sum(lens))} real tokens; "
           f"padded micro_batch_size {args.micro_batch_size}, budget {args.max_tokens} tokens; median of {args.repeats}.")
     mfu_col = args.device == "cuda"

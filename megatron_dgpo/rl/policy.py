@@ -64,18 +64,22 @@ class Policy:
 
     def _layout(self) -> dict:
         a = self.cfg.algo
-        return dict(max_tokens_per_micro_batch=a.max_tokens_per_micro_batch, pack_sequences=a.pack_sequences)
+        pack = "prefix" if a.share_prompt_prefix else a.pack_sequences
+        return dict(max_tokens_per_micro_batch=a.max_tokens_per_micro_batch, pack_sequences=pack)
 
     def _dp_rows(self, batch: RolloutBatch) -> List[torch.Tensor]:
         """Each DP rank's rows: contiguous shares, or with token-budget micro-batches shares of
-        equal count and near-equal tokens (train.microbatch.dp_partition)."""
+        equal count and near-equal tokens (train.microbatch.dp_partition), or with shared prompt
+        prefixes equal counts that keep a prompt's rows together (prompt_group_partition)."""
         from megatron.core import parallel_state as ps
 
-        from megatron_dgpo.train.microbatch import dp_partition
+        from megatron_dgpo.train.microbatch import dp_partition, prompt_group_partition
 
         dp = ps.get_data_parallel_world_size()
         if batch.batch_size % dp:
             raise ValueError(f"batch size {batch.batch_size} is not divisible by the data-parallel size {dp}")
+        if self.cfg.algo.share_prompt_prefix:
+            return [torch.tensor(r, dtype=torch.long) for r in prompt_group_partition(batch, dp)]
         if self.cfg.algo.max_tokens_per_micro_batch > 0:
             return [torch.tensor(r, dtype=torch.long) for r in dp_partition(batch.lengths.tolist(), dp)]
         return list(torch.arange(batch.batch_size).chunk(dp))

@@ -1,4 +1,5 @@
-"""How a rank's batch is cut into micro-batches: fixed-size padded, token-budget padded, packed (THD).
+"""How a rank's batch is cut into micro-batches: fixed-size padded, token-budget padded, packed
+(THD), packed with shared prompt prefixes.
 
 * fixed (`max_tokens_per_micro_batch=0`, no packing): consecutive groups of `micro_batch_size` rows,
   every row padded to the whole batch's longest sequence (the original layout).
@@ -12,11 +13,19 @@
   `[1, T]` with `cu_seqlens` (Megatron `PackedSeqParams(qkv_format="thd")`); positions restart per
   sequence and T is padded to the SP/FP8 multiple by one extra padding segment. The budget then
   counts T. Without a budget, each group of `micro_batch_size` sequences becomes one packed row.
+* shared prefix (`pack="prefix"`, `algo.share_prompt_prefix`): like packed, but the rows of a
+  micro-batch with the same prompt (the G samples of one prompt) hold one copy of it: a group is
+  `[prompt without its last token | branch_1 | ... | branch_G]`, branch_i = row i from the prompt's
+  last token on, under a tree attention mask (a branch sees the prefix and itself, causally) with
+  RoPE at the row's own positions (model/rope_positions.py). Every token sees exactly the tokens,
+  at the positions, of its own padded row, so the logits and the loss are the same; the prompt is
+  computed once per micro-batch instead of once per sample (GRPO's G x). Bins and DP shares are made
+  of whole prompt groups (`prompt_group_partition`).
 
 Exactness: the loss normaliser is computed from the whole batch before it is cut (train/step.py),
 each micro-batch's loss is a plain sum over its own sequences, and causal attention never lets a
-real position see padding (padded rows) or another sequence (block-diagonal mask, THD), so every
-layout gives the same loss and gradients up to float rounding.
+real position see padding (padded rows) or another sequence (block-diagonal mask, THD; the tree
+mask), so every layout gives the same loss and gradients up to float rounding.
 
 Data parallelism: every DP rank must run the same number of micro-batches (the pipeline schedule
 and the gradient reduction are collective). `dp_partition` deals a mini-batch's sequences to the
@@ -49,6 +58,10 @@ class Packing:
     max_seqlen: int
     gather: torch.Tensor  # [n, L] int64: packed position of row token (i, t) (0 where invalid)
     valid: torch.Tensor  # [n, L] bool: t < length_i - 1 (positions with a prediction in the row)
+    # Shared-prefix packing (`pack="prefix"`): [T, T] bool, True where query i must not see key j
+    # (Megatron's mask convention); the row then runs as one padded [1, T] row (sbhd) with this
+    # mask and RoPE at `position_ids` (model.rope_positions) instead of THD.
+    attention_mask: Optional[torch.Tensor] = None
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """Prediction-aligned packed values `[1, T]` -> row layout `[n, L]` (0 where invalid).
@@ -79,12 +92,21 @@ class MicroBatch:
         return self.rows.tokens if self.packing is None else self.packing.tokens
 
     @property
+    def rope_positions(self) -> Optional[torch.Tensor]:
+        """[T] RoPE positions of a shared-prefix row (model.rope_positions); None: 0..S-1."""
+        p = self.packing
+        return None if p is None or p.attention_mask is None else p.position_ids[0]
+
+    @property
     def computed_tokens(self) -> int:
         return self.input_ids.numel()
 
     def model_inputs(self, device) -> dict:
         """Keyword arguments of GPTModel.forward (by keyword: 0.16 and 0.19 agree on these)."""
         tokens = self.input_ids.to(device, non_blocking=True)
+        if self.packing is not None and self.packing.attention_mask is not None:
+            return dict(input_ids=tokens, position_ids=self.packing.position_ids.to(device),
+                        attention_mask=self.packing.attention_mask.to(device)[None, None])
         if self.packing is None:
             b, s = tokens.shape
             pos = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
@@ -128,6 +150,17 @@ def dp_partition(lengths: Sequence[int], dp: int) -> List[List[int]]:
         shares[r].append(i)
         tokens[r] += lengths[i]
     return [sorted(s) for s in shares]
+
+
+def prompt_group_partition(batch: RolloutBatch, dp: int) -> List[List[int]]:
+    """Equal-count shares for `dp` ranks that keep a prompt's rows together (shared-prefix
+    packing): the rows in prompt-group order, cut into `dp` contiguous pieces (at most dp - 1
+    groups are split). Requires len % dp == 0."""
+    if batch.batch_size % dp:
+        raise ValueError(f"batch size {batch.batch_size} is not divisible by the data-parallel size {dp}")
+    order = [i for g in prompt_groups(batch) for i in g]
+    per = len(order) // dp
+    return [sorted(order[r * per:(r + 1) * per]) for r in range(dp)]
 
 
 def _dp_max(n: int) -> int:
@@ -196,8 +229,88 @@ def _pack(rows: RolloutBatch, pad_multiple: int, pad_token_id: int) -> Packing:
                    gather=gather, valid=valid)
 
 
+def prompt_groups(rows: RolloutBatch) -> List[List[int]]:
+    """Rows with the same prompt (the tokens before their first loss token), in order of first
+    appearance. A row without a loss token is a group of its own."""
+    first = torch.where(rows.loss_mask.any(1), rows.loss_mask.float().argmax(1), rows.lengths)
+    keys: dict = {}
+    out: List[List[int]] = []
+    for i, (p, ln) in enumerate(zip(first.tolist(), rows.lengths.tolist())):
+        key = tuple(rows.tokens[i, :p].tolist()) if p < ln else ("row", i)
+        if key not in keys:
+            keys[key] = len(out)
+            out.append([])
+        out[keys[key]].append(i)
+    return out
+
+
+def _prefix_len(rows: RolloutBatch, group: List[int]) -> int:
+    """Tokens the rows of `group` share in the packed row: their prompt but its last token (each
+    row's branch starts with that token, so every packed position has one next token)."""
+    i = group[0]
+    lm = rows.loss_mask[i]
+    p = int(lm.float().argmax()) if bool(lm.any()) else int(rows.lengths[i])
+    return max(p - 1, 0) if len(group) > 1 else 0
+
+
+def _packed_prefix_tokens(rows: RolloutBatch, group: List[int]) -> int:
+    p = _prefix_len(rows, group)
+    return p + sum(int(rows.lengths[i]) - p for i in group)
+
+
+def _pack_prefix(rows: RolloutBatch, pad_multiple: int, pad_token_id: int) -> Packing:
+    """One packed row in which the rows of a prompt group share their prompt: `[prefix | branch_1 |
+    ... | branch_k]` per group, branch_i = row i from the prompt's last token on. Query i may see
+    key j iff both are in the same group, j is not after i, and j is in the prefix or in i's branch;
+    positions restart per group and continue the prefix in each branch. Every row's tokens,
+    positions and visible context are those of its own padded row, so the logits are the same."""
+    n, width = rows.tokens.shape
+    groups = prompt_groups(rows)
+    lens = [int(x) for x in rows.lengths.tolist()]
+    total = sum(_packed_prefix_tokens(rows, g) for g in groups)
+    t = round_up(max(total, 1), pad_multiple)
+    tokens = torch.full((t,), pad_token_id, dtype=torch.long)
+    pos = torch.zeros(t, dtype=torch.long)
+    seg = torch.zeros(t, dtype=torch.long)  # group of each packed token
+    branch = torch.zeros(t, dtype=torch.long)  # 0: a group's prefix, else its row + 1
+    gather = torch.zeros((n, width), dtype=torch.long)
+    valid = torch.zeros((n, width), dtype=torch.bool)
+    at = 0
+    for g, rows_g in enumerate(groups):
+        p = _prefix_len(rows, rows_g)
+        tokens[at:at + p] = rows.tokens[rows_g[0], :p]
+        pos[at:at + p] = torch.arange(p)
+        seg[at:at + p] = g
+        start = at
+        at += p
+        for i in rows_g:
+            b = lens[i] - p
+            tokens[at:at + b] = rows.tokens[i, p:lens[i]]
+            pos[at:at + b] = torch.arange(p, lens[i])
+            seg[at:at + b] = g
+            branch[at:at + b] = i + 1
+            gather[i, :p] = torch.arange(start, start + p)
+            gather[i, p:lens[i]] = torch.arange(at, at + b)
+            valid[i, :max(lens[i] - 1, 0)] = True
+            at += b
+    seg[total:] = len(groups)  # the padding tail: a causal segment of its own
+    pos[total:] = torch.arange(t - total)
+    idx = torch.arange(t)
+    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None]) & (
+        (branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
+    cu = torch.tensor([0, t], dtype=torch.int32)
+    return Packing(tokens=tokens[None], position_ids=pos[None], cu_seqlens=cu, max_seqlen=t,
+                   gather=gather, valid=valid, attention_mask=~allowed)
+
+
 def _budget_bins(batch: RolloutBatch, max_tokens: int, pack: bool, pad_multiple: int) -> List[List[int]]:
     lengths = [int(x) for x in batch.lengths.tolist()]
+    if pack == "prefix":  # whole prompt groups, costed as packed
+        groups = prompt_groups(batch)
+        sizes = [_packed_prefix_tokens(batch, g) for g in groups]
+        bins = first_fit_decreasing(sizes, budget=max_tokens,
+                                    cost=lambda n, longest, total: round_up(total, pad_multiple))
+        return [[i for g in b for i in groups[g]] for b in bins]
     if pack:
         cost = lambda n, longest, total: round_up(total, pad_multiple)  # noqa: E731
     else:
@@ -242,6 +355,6 @@ def split(batch: RolloutBatch, *, micro_batch_size: int, max_tokens: int = 0, pa
     out = []
     for idx in bins:
         rows = _rows(batch, idx, 1 if pack else pad_multiple, pad_token_id)
-        packing = _pack(rows, pad_multiple, pad_token_id) if pack else None
+        packing = (_pack_prefix if pack == "prefix" else _pack)(rows, pad_multiple, pad_token_id) if pack else None
         out.append(MicroBatch(rows=rows, index=torch.tensor(idx, dtype=torch.long), packing=packing))
     return out

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megatron_dgpo.train import microbatch
 from megatron_dgpo.train.batch import RolloutBatch, shift_left
+from megatron_dgpo.model.rope_positions import next_forward_positions
 from megatron_dgpo.train.lm_head import LMHead, fuse_next_forward, logprobs_from_output
 from megatron_dgpo.train.microbatch import MicroBatch
 
@@ -87,6 +88,7 @@ def _forward_step_func(loss_builder, head: Optional[LMHead] = None):
     def forward_step(data_iterator, model):
         idx, mb = next(data_iterator)
         fuse_next_forward(model, shift_left(mb.input_ids.to(dev)), head)  # no-op unless fused (last stage)
+        next_forward_positions(model, mb.rope_positions)
         out = model(**mb.model_inputs(dev))
         return out, functools.partial(loss_builder, idx, mb)
 

@@ -31,13 +31,18 @@ def loss_config():
 
 
 def make_batch():
-    """Variable-length right-padded rows; response tokens after a random prompt length."""
+    """Variable-length right-padded rows; response tokens after a random prompt length, which
+    pairs of rows share."""
     from megatron_dgpo.train import RolloutBatch
 
     g = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, MODEL.vocab_size, (GLOBAL_BATCH, SEQ), generator=g)
     lengths = torch.randint(SEQ - 5, SEQ + 1, (GLOBAL_BATCH,), generator=g)
     prompt = torch.randint(2, 5, (GLOBAL_BATCH,), generator=g)
+    # rows 2k and 2k + 1 share a prompt (two samples of it: the shared-prefix layout's groups)
+    prompt[1::2] = prompt[0::2]
+    for i in range(1, GLOBAL_BATCH, 2):
+        tokens[i, :prompt[i]] = tokens[i - 1, :prompt[i]]
     pos = torch.arange(SEQ).unsqueeze(0)
     mask = (pos >= prompt.unsqueeze(1)) & (pos < lengths.unsqueeze(1))
     tokens = torch.where(pos < lengths.unsqueeze(1), tokens, torch.zeros_like(tokens))

@@ -71,6 +71,9 @@ def float64_reference_grad(logits, batch):
 # equalisation; packing with 40 tokens puts 3-4 sequences in a row.
 BUDGET = dict(max_tokens_per_micro_batch=30)
 PACKED = dict(max_tokens_per_micro_batch=40, pack_sequences=True, attention_backend="sdpa")
+# Shared prompt prefixes: the pairs of rows with one prompt (megatron_common.make_batch) share it;
+# 40 tokens hold 2-3 pairs.
+PREFIX = dict(max_tokens_per_micro_batch=40, pack_sequences="prefix", attention_backend="sdpa")
 
 
 def train_layout(name, tp, pp, ref, refdir, tmp, *, mbs, vpp=None, sp=False, dist_opt=False,
@@ -80,7 +83,7 @@ def train_layout(name, tp, pp, ref, refdir, tmp, *, mbs, vpp=None, sp=False, dis
     from megatron_dgpo.checkpoint import load_checkpoint, save_checkpoint
     from megatron_dgpo.train import forward_logprobs, train_step
 
-    from megatron_dgpo.train.microbatch import dp_partition
+    from megatron_dgpo.train.microbatch import dp_partition, prompt_group_partition
 
     layout = dict(layout or {})
     backend = layout.pop("attention_backend", None)
@@ -88,7 +91,9 @@ def train_layout(name, tp, pp, ref, refdir, tmp, *, mbs, vpp=None, sp=False, dis
     load_checkpoint(os.path.join(refdir, "init"), chunks, opt, load_optimizer=False)
     full_batch = torch.load(os.path.join(refdir, "batch.pt"), weights_only=False)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    if layout:  # token-balanced DP shares, as rl.policy deals them
+    if layout.get("pack_sequences") == "prefix":  # whole prompt groups, as rl.policy deals them
+        rows = torch.tensor(prompt_group_partition(full_batch, dp)[dp_rank])
+    elif layout:  # token-balanced DP shares, as rl.policy deals them
         rows = torch.tensor(dp_partition(full_batch.lengths.tolist(), dp)[dp_rank])
     else:
         per = C.GLOBAL_BATCH // dp
@@ -133,6 +138,11 @@ def train_layout(name, tp, pp, ref, refdir, tmp, *, mbs, vpp=None, sp=False, dis
         bad = [(k, metrics[-1].get(k), r[k]) for k in diag if not close_any(metrics[-1].get(k, float("nan")), r[k])]
         check(f"{name}/step{step}/diagnostics", diag and not bad and any(any(r[k]) for k in diag if "_wp_ln_" in k),
               f"{len(diag)} keys; differ: {bad[:4]}")
+
+    if name.startswith("prefix_"):  # the pairs' prompts were computed once: fewer tokens than the rows hold
+        m0 = metrics[0]
+        check(f"{name}/shares_prompts", m0["computed_tokens"] < m0["tokens"],
+              f"computed {m0['computed_tokens']} vs real {m0['tokens']}")
 
     if logits_check:
         last = ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -258,7 +268,7 @@ def reload_full(name, ckpt, ref):
 
     chunks, _ = C.setup(1, 1)
     step = load_checkpoint(ckpt, chunks, None)
-    tol = 2e-5 if name.startswith(("budget_", "packed_")) else 1e-5
+    tol = 2e-5 if name.startswith(("budget_", "packed_", "prefix_")) else 1e-5
     ok, detail = C.compare_weights(C.full_state_dict(chunks), ref["final"], tol=tol)
     check(f"{name}/final_weights", ok and step == C.STEPS, detail)
 
@@ -292,14 +302,18 @@ def main():
                  ("budget_dp2", 1, 1, dict(mbs=2, layout=BUDGET)),
                  ("packed_tp2_sp", 2, 1, dict(mbs=2, sp=True, layout=PACKED)),
                  ("packed_pp2", 1, 2, dict(mbs=2, layout=PACKED)),
-                 ("packed_dp2", 1, 1, dict(mbs=2, layout=PACKED))]
+                 ("packed_dp2", 1, 1, dict(mbs=2, layout=PACKED)),
+                 ("prefix_tp2_sp", 2, 1, dict(mbs=2, sp=True, layout=PREFIX)),
+                 ("prefix_pp2", 1, 2, dict(mbs=2, layout=PREFIX)),
+                 ("prefix_dp2", 1, 1, dict(mbs=2, layout=PREFIX))]
     else:
         cases = [("tp2pp2", 2, 2, dict(mbs=2, logits_check=True, resume_check=True)),
                  ("tp2dp2_sp_distopt", 2, 1, dict(mbs=1, sp=True, dist_opt=True, resume_check=True)),
                  ("pp2dp2_vpp2", 1, 2, dict(mbs=1, vpp=2, logits_check=True)),
                  ("budget_tp2pp2_sp", 2, 2, dict(mbs=2, sp=True, layout=BUDGET)),
                  ("budget_pp2dp2", 1, 2, dict(mbs=1, layout=BUDGET)),
-                 ("packed_tp2dp2_sp_distopt", 2, 1, dict(mbs=1, sp=True, dist_opt=True, layout=PACKED))]
+                 ("packed_tp2dp2_sp_distopt", 2, 1, dict(mbs=1, sp=True, dist_opt=True, layout=PACKED)),
+                 ("prefix_tp2pp2_sp", 2, 2, dict(mbs=2, sp=True, layout=PREFIX))]
     finals = {}
     for name, tp, pp, kw in cases:
         try:
