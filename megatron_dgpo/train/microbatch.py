@@ -229,33 +229,42 @@ def _pack(rows: RolloutBatch, pad_multiple: int, pad_token_id: int) -> Packing:
                    gather=gather, valid=valid)
 
 
-def prompt_groups(rows: RolloutBatch) -> List[List[int]]:
+@dataclass
+class _Groups:
     """Rows with the same prompt (the tokens before their first loss token), in order of first
-    appearance. A row without a loss token is a group of its own."""
-    first = torch.where(rows.loss_mask.any(1), rows.loss_mask.float().argmax(1), rows.lengths)
-    keys: dict = {}
-    out: List[List[int]] = []
-    for i, (p, ln) in enumerate(zip(first.tolist(), rows.lengths.tolist())):
-        key = tuple(rows.tokens[i, :p].tolist()) if p < ln else ("row", i)
-        if key not in keys:
-            keys[key] = len(out)
-            out.append([])
-        out[keys[key]].append(i)
-    return out
+    appearance (a row without a loss token is a group of its own), and the tokens each group shares
+    in a packed row: its prompt but the last token (every row's branch starts with that token, so
+    each packed position has one next token); 0 for a group of one row."""
+    groups: List[List[int]]
+    shared: List[int]
+    lengths: List[int]
+    tokens: List[List[int]]
+
+    @classmethod
+    def of(cls, rows: RolloutBatch) -> "_Groups":
+        lm = rows.loss_mask
+        first = torch.where(lm.any(1), lm.int().argmax(1), rows.lengths).tolist()
+        lengths, tokens = rows.lengths.tolist(), rows.tokens.tolist()
+        keys: dict = {}
+        groups: List[List[int]] = []
+        prompt: List[int] = []
+        for i, (p, ln) in enumerate(zip(first, lengths)):
+            key = tuple(tokens[i][:p]) if p < ln else ("row", i)
+            if key not in keys:
+                keys[key] = len(groups)
+                groups.append([])
+                prompt.append(p)
+            groups[keys[key]].append(i)
+        shared = [max(p - 1, 0) if len(g) > 1 else 0 for g, p in zip(groups, prompt)]
+        return cls(groups, shared, lengths, tokens)
+
+    def packed_tokens(self, g: int) -> int:
+        return self.shared[g] + sum(self.lengths[i] - self.shared[g] for i in self.groups[g])
 
 
-def _prefix_len(rows: RolloutBatch, group: List[int]) -> int:
-    """Tokens the rows of `group` share in the packed row: their prompt but its last token (each
-    row's branch starts with that token, so every packed position has one next token)."""
-    i = group[0]
-    lm = rows.loss_mask[i]
-    p = int(lm.float().argmax()) if bool(lm.any()) else int(rows.lengths[i])
-    return max(p - 1, 0) if len(group) > 1 else 0
-
-
-def _packed_prefix_tokens(rows: RolloutBatch, group: List[int]) -> int:
-    p = _prefix_len(rows, group)
-    return p + sum(int(rows.lengths[i]) - p for i in group)
+def prompt_groups(rows: RolloutBatch) -> List[List[int]]:
+    """Row indices of `rows` grouped by prompt, in order of first appearance (see `_Groups`)."""
+    return _Groups.of(rows).groups
 
 
 def _pack_prefix(rows: RolloutBatch, pad_multiple: int, pad_token_id: int) -> Packing:
@@ -265,52 +274,49 @@ def _pack_prefix(rows: RolloutBatch, pad_multiple: int, pad_token_id: int) -> Pa
     positions restart per group and continue the prefix in each branch. Every row's tokens,
     positions and visible context are those of its own padded row, so the logits are the same."""
     n, width = rows.tokens.shape
-    groups = prompt_groups(rows)
-    lens = [int(x) for x in rows.lengths.tolist()]
-    total = sum(_packed_prefix_tokens(rows, g) for g in groups)
+    G = _Groups.of(rows)
+    tok: List[int] = []
+    pos: List[int] = []
+    seg: List[int] = []  # group of each packed token
+    branch: List[int] = []  # 0: a group's prefix, else its row + 1
+    gather = [[0] * width for _ in range(n)]
+    for g, members in enumerate(G.groups):
+        p, start = G.shared[g], len(tok)
+        tok += G.tokens[members[0]][:p]
+        pos += range(p)
+        seg += [g] * p
+        branch += [0] * p
+        for i in members:
+            ln, at = G.lengths[i], len(tok)
+            tok += G.tokens[i][p:ln]
+            pos += range(p, ln)
+            seg += [g] * (ln - p)
+            branch += [i + 1] * (ln - p)
+            gather[i][:ln] = list(range(start, start + p)) + list(range(at, at + ln - p))
+    total = len(tok)
     t = round_up(max(total, 1), pad_multiple)
-    tokens = torch.full((t,), pad_token_id, dtype=torch.long)
-    pos = torch.zeros(t, dtype=torch.long)
-    seg = torch.zeros(t, dtype=torch.long)  # group of each packed token
-    branch = torch.zeros(t, dtype=torch.long)  # 0: a group's prefix, else its row + 1
-    gather = torch.zeros((n, width), dtype=torch.long)
-    valid = torch.zeros((n, width), dtype=torch.bool)
-    at = 0
-    for g, rows_g in enumerate(groups):
-        p = _prefix_len(rows, rows_g)
-        tokens[at:at + p] = rows.tokens[rows_g[0], :p]
-        pos[at:at + p] = torch.arange(p)
-        seg[at:at + p] = g
-        start = at
-        at += p
-        for i in rows_g:
-            b = lens[i] - p
-            tokens[at:at + b] = rows.tokens[i, p:lens[i]]
-            pos[at:at + b] = torch.arange(p, lens[i])
-            seg[at:at + b] = g
-            branch[at:at + b] = i + 1
-            gather[i, :p] = torch.arange(start, start + p)
-            gather[i, p:lens[i]] = torch.arange(at, at + b)
-            valid[i, :max(lens[i] - 1, 0)] = True
-            at += b
-    seg[total:] = len(groups)  # the padding tail: a causal segment of its own
-    pos[total:] = torch.arange(t - total)
+    pad = t - total  # the padding tail: a causal segment of its own
+    tokens = torch.tensor(tok + [pad_token_id] * pad, dtype=torch.long)
+    pos_t = torch.tensor(pos + list(range(pad)), dtype=torch.long)
+    seg_t = torch.tensor(seg + [len(G.groups)] * pad, dtype=torch.long)
+    branch_t = torch.tensor(branch + [0] * pad, dtype=torch.long)
     idx = torch.arange(t)
-    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None]) & (
-        (branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
-    cu = torch.tensor([0, t], dtype=torch.int32)
-    return Packing(tokens=tokens[None], position_ids=pos[None], cu_seqlens=cu, max_seqlen=t,
-                   gather=gather, valid=valid, attention_mask=~allowed)
+    allowed = (seg_t[:, None] == seg_t[None, :]) & (idx[None, :] <= idx[:, None]) & (
+        (branch_t[None, :] == 0) | (branch_t[None, :] == branch_t[:, None]))
+    valid = torch.arange(width)[None, :] < (rows.lengths - 1)[:, None]
+    return Packing(tokens=tokens[None], position_ids=pos_t[None], cu_seqlens=torch.tensor([0, t], dtype=torch.int32),
+                   max_seqlen=t, gather=torch.tensor(gather, dtype=torch.long), valid=valid,
+                   attention_mask=~allowed)
 
 
 def _budget_bins(batch: RolloutBatch, max_tokens: int, pack: bool, pad_multiple: int) -> List[List[int]]:
     lengths = [int(x) for x in batch.lengths.tolist()]
     if pack == "prefix":  # whole prompt groups, costed as packed
-        groups = prompt_groups(batch)
-        sizes = [_packed_prefix_tokens(batch, g) for g in groups]
+        G = _Groups.of(batch)
+        sizes = [G.packed_tokens(g) for g in range(len(G.groups))]
         bins = first_fit_decreasing(sizes, budget=max_tokens,
                                     cost=lambda n, longest, total: round_up(total, pad_multiple))
-        return [[i for g in b for i in groups[g]] for b in bins]
+        return [[i for g in b for i in G.groups[g]] for b in bins]
     if pack:
         cost = lambda n, longest, total: round_up(total, pad_multiple)  # noqa: E731
     else:

@@ -234,6 +234,7 @@ def main():
     args = p.parse_args()
     root = os.path.dirname(os.path.abspath(args.out))  # the launcher's temp dir, the same for all ranks
     run_cases((
+        # TP=2 runs the embedded default's layout otherwise (shared prompt prefixes).
         ("tp2", lambda r: run_layout("tp2", os.path.join(r, "tp2"))),
         # PP=2 also runs the truncated-IS correction (per-token advantages) and old log-probs
         # taken from the rollout engine.
@@ -241,12 +242,12 @@ def main():
         ("pp2", lambda r: run_layout("pp2", os.path.join(r, "pp2"), **{
             "parallel.tensor_model_parallel_size": 1, "parallel.pipeline_model_parallel_size": 2,
             "algo.tis_cap": 2.0, "algo.old_logp_source": "rollout", "parallel.attention_backend": "sdpa",
-            "algo.pack_sequences": True, "algo.max_tokens_per_micro_batch": 64})),
+            "algo.pack_sequences": True, "algo.share_prompt_prefix": False, "algo.max_tokens_per_micro_batch": 64})),
         # DP=2 with token-budget micro-batches (token-balanced DP shares), old log-probs
         # recomputed by the trainer (the default `auto` takes the embedded engine's).
         ("dp2", lambda r: run_layout("dp2", os.path.join(r, "dp2"), **{
             "parallel.tensor_model_parallel_size": 1, "algo.mini_batches": 3, "algo.old_logp_source": "trainer",
-            "algo.max_tokens_per_micro_batch": 48})),
+            "algo.max_tokens_per_micro_batch": 48, "algo.share_prompt_prefix": False})),
         ("novar", skipped_step_writes_every_key),
         ("resume", lambda r: resume_same_trajectory(os.path.join(r, "resume"))),
         ("nonfinite", nonfinite_updates_are_skipped),
