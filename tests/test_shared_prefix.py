@@ -70,6 +70,8 @@ def test_every_token_sees_its_own_row(pad_multiple):
         for t in range(ln - 1):
             assert int(tokens[where[t] + 1]) == int(batch.tokens[i, t + 1]), (i, t)
     assert mb.rope_positions is not None and torch.equal(mb.rope_positions, pos)
+    with pytest.raises(ValueError, match="pack="):
+        split(batch, micro_batch_size=9, pack="prefx")
     assert mb.model_inputs("cpu")["attention_mask"].shape == (1, 1, t_total, t_total)
 
 

@@ -36,13 +36,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
 from megatron_dgpo.train.batch import RolloutBatch
 
-__all__ = ["MicroBatch", "Packing", "split", "dp_partition", "first_fit_decreasing", "round_up"]
+# `pack`: False (rows), True (THD packed rows) or "prefix" (packed rows with shared prompt prefixes)
+PackMode = Union[bool, str]
+
+__all__ = ["MicroBatch", "Packing", "PackMode", "split", "dp_partition", "prompt_groups", "prompt_group_partition",
+           "first_fit_decreasing", "round_up"]
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -309,7 +313,7 @@ def _pack_prefix(rows: RolloutBatch, pad_multiple: int, pad_token_id: int) -> Pa
                    attention_mask=~allowed)
 
 
-def _budget_bins(batch: RolloutBatch, max_tokens: int, pack: bool, pad_multiple: int) -> List[List[int]]:
+def _budget_bins(batch: RolloutBatch, max_tokens: int, pack: PackMode, pad_multiple: int) -> List[List[int]]:
     lengths = [int(x) for x in batch.lengths.tolist()]
     if pack == "prefix":  # whole prompt groups, costed as packed
         G = _Groups.of(batch)
@@ -324,19 +328,21 @@ def _budget_bins(batch: RolloutBatch, max_tokens: int, pack: bool, pad_multiple:
     return first_fit_decreasing(lengths, max_tokens, cost)
 
 
-def local_count(batch: RolloutBatch, *, max_tokens: int = 0, pack: bool = False, pad_multiple: int = 1) -> int:
+def local_count(batch: RolloutBatch, *, max_tokens: int = 0, pack: PackMode = False, pad_multiple: int = 1) -> int:
     """How many token-budget micro-batches `batch` needs on this rank before the DP ranks are
     equalised (0 for the row layouts, which need no equalising): lets a caller agree on the
     count in a collective it makes anyway (`split(num_bins=...)`)."""
     return len(_budget_bins(batch, max_tokens, pack, pad_multiple)) if max_tokens > 0 else 0
 
 
-def split(batch: RolloutBatch, *, micro_batch_size: int, max_tokens: int = 0, pack: bool = False,
+def split(batch: RolloutBatch, *, micro_batch_size: int, max_tokens: int = 0, pack: PackMode = False,
           pad_multiple: int = 1, pad_token_id: int = 0, equalise_over_dp: bool = True,
           num_bins: Optional[int] = None) -> List[MicroBatch]:
     """This rank's micro-batches of `batch` (see the module docstring for the layouts).
     Token-budget micro-batches are equalised to the largest count over the DP ranks: `num_bins`
     when the caller already knows it (the max of `local_count` over DP), else one all-reduce."""
+    if isinstance(pack, str) and pack != "prefix":
+        raise ValueError(f"pack={pack!r}: expected False, True or 'prefix'")
     if max_tokens <= 0 and not pack:  # the original layout: one common padded length
         padded = batch.pad_to(pad_multiple)
         return [MicroBatch(rows=mb, index=torch.arange(i, i + mb.batch_size))

@@ -255,7 +255,7 @@ def _local_totals(batch: RolloutBatch) -> List[float]:
 
 
 def dp_totals_of(model_chunks, shares: Sequence[RolloutBatch], *, max_tokens_per_micro_batch: int = 0,
-                 pack_sequences: bool = False) -> List[float]:
+                 pack_sequences: microbatch.PackMode = False) -> List[float]:
     """`train_step`'s `dp_totals` from every DP rank's share (in DP rank order), without a
     collective."""
     from megatron.core.utils import get_model_config
@@ -304,7 +304,7 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
                vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
                lr: Optional[float] = None,
                logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None,
-               max_tokens_per_micro_batch: int = 0, pack_sequences: bool = False,
+               max_tokens_per_micro_batch: int = 0, pack_sequences: microbatch.PackMode = False,
                pad_token_id: int = 0, fused_lm_head: bool = False,
                lm_head_chunk_tokens: Optional[int] = None,
                dp_totals: Optional[Sequence[float]] = None, defer_stats: bool = False) -> Dict[str, float]:
@@ -325,8 +325,9 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
     with a gradient hook to capture d loss / d logits). `fused_lm_head`: log-probs straight from
     the hidden states (train/lm_head.py, no logits; `logits_hook` needs the materialised path).
     `max_tokens_per_micro_batch` > 0 cuts the batch into token-budget micro-batches instead of
-    `micro_batch_size` rows, `pack_sequences` packs each micro-batch into one THD row
-    (`train.microbatch`; packing needs attention_backend sdpa or te).
+    `micro_batch_size` rows, `pack_sequences=True` packs each micro-batch into one THD row,
+    `pack_sequences="prefix"` into one row in which the samples of a prompt share it
+    (`train.microbatch`; packing needs attention_backend sdpa or te, "prefix" sdpa).
 
     Metrics: the policy_loss metrics (loss = global loss, *_tokens = global counts, the rest
     token-weighted means), `entropy`, `rollout_logp_abs_diff` / `rollout_logp_diff` (train minus
@@ -435,7 +436,7 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, batch: RolloutBat
 def forward_logprobs(model_chunks: List[torch.nn.Module], batch: RolloutBatch, *, micro_batch_size: int,
                      temperature: float = 1.0, with_entropy: bool = False,
                      vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
-                     max_tokens_per_micro_batch: int = 0, pack_sequences: bool = False,
+                     max_tokens_per_micro_batch: int = 0, pack_sequences: microbatch.PackMode = False,
                      pad_token_id: int = 0, fused_lm_head: bool = False,
                      lm_head_chunk_tokens: Optional[int] = None):
     """Token-aligned log-probs `[B, S]` (and entropies) of `batch.tokens` without gradient.
