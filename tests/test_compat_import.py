@@ -1,5 +1,6 @@
 """`megatron_dgpo.compat.megatron_import`: on CPU, `import megatron.core` after `megatron_dgpo` runs
-without Megatron's `torch.compile` decorators (no torch._dynamo / torch._inductor in the process);
+without Megatron's `torch.compile` decorators (inductor's compiler and networkx never imported;
+torch._dynamo is, at import time, see test_dynamo_imported_at_import_time);
 torch.compile is the real one afterwards; with CUDA, or when megatron.core came first, Megatron's
 own behaviour is untouched. Each case runs in a fresh interpreter: the hook acts on a first import."""
 import json
@@ -15,7 +16,8 @@ import megatron.core.jit as jit
 from megatron.core.fusions import fused_bias_geglu
 print(json.dumps({
     "dynamo": "torch._dynamo" in sys.modules,
-    "inductor": "torch._inductor" in sys.modules,
+    "compile_fx": "torch._inductor.compile_fx" in sys.modules,
+    "networkx": "networkx" in sys.modules,
     "fuser": jit.jit_fuser.__qualname__,
     "fuser_module": jit.jit_fuser.__module__,
     "compile_is_torch": torch.compile.__module__ == "torch" and torch.compile.__name__ == "compile",
@@ -42,7 +44,7 @@ def test_package_import_stays_light():
 
 def test_cpu_import_skips_torch_compile():
     r = _run("import megatron_dgpo.train.step\n")
-    assert not r["dynamo"] and not r["inductor"], r
+    assert not r["compile_fx"] and not r["networkx"], r
     assert (r["fuser"], r["fuser_module"]) == ("noop_decorator", "megatron.core.jit"), r
     assert r["compile_is_torch"] and r["geglu_plain"], r
     assert r["loader"] == "SourceFileLoader", r
@@ -67,7 +69,27 @@ def test_plain_fusion_is_megatrons_formula():
 ], ids=["megatron-first", "cuda"])
 def test_megatron_untouched_otherwise(prelude):
     r = _run(prelude)
-    assert r["dynamo"], r
+    assert r["dynamo"] and r["compile_fx"], r
     assert r["fuser"] == "compile" and r["fuser_module"] == "torch", r
     assert not r["geglu_plain"], r
     assert r["compile_is_torch"], r
+
+
+def test_dynamo_imported_at_import_time():
+    """torch.optim's add_param_group (@torch._disable_dynamo) imports torch._dynamo on first use; that
+    import leaves a reference cycle through its caller's frames (here: an object made by the
+    caller outlives it without the cyclic gc). The hook imports torch._dynamo with megatron.core,
+    so the first optimizer built later leaves nothing behind."""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", textwrap.dedent("""
+        import gc, sys, weakref, torch, megatron_dgpo
+        import megatron.core
+        class Obj: pass
+        def build():
+            o = Obj()
+            torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+            return weakref.ref(o)
+        gc.disable()
+        print("torch._dynamo" in sys.modules, build()() is None)
+    """)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "True"]

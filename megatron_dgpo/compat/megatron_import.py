@@ -3,12 +3,12 @@
 `megatron.core.jit.jit_fuser` is `torch.compile` on torch >= 2.2, and Megatron applies it as a
 decorator when its modules are imported (`fusions/fused_bias_geglu.py`, `fused_bias_gelu.py`,
 `fused_bias_swiglu.py`, ... all reached from `import megatron.core` through
-`transformer/transformer_config.py`). Each `torch.compile(fn)` call imports `torch._dynamo`, which
-imports `torch._inductor`, networkx and torch.onnx: on the 2-core CPU machine that is +64 MB of
-anonymous memory and +1.4 s of import in every process (measured: `import megatron.core` and
-the model, schedule, optimizer and dist-checkpointing modules, 2.4 s and 299 MB anonymous ->
-1.0 s and 235 MB), for functions this project never calls on CPU (the fusions they implement
-are off in its configs; a CPU run has no compiler toolchain to give them anyway).
+`transformer/transformer_config.py`). Each `torch.compile(fn)` looks up the inductor backend,
+which imports inductor's compiler (`torch._inductor.compile_fx`, its code generators) and
+networkx: for functions this project never calls on CPU (the fusions they implement are off in
+its configs; a CPU run has no compiler toolchain to give them anyway). Measured on the 2-core
+machine, `import megatron.core` plus the model, schedule, optimizer and dist-checkpointing
+modules: 2.5 s and 299 MB anonymous memory -> 1.5 s and 258 MB, in every process.
 
 `install()` (called by `megatron_dgpo/__init__.py`; it imports nothing) adds a one-shot
 meta-path finder for `megatron.core`. When `megatron.core` is first imported and CUDA is not
@@ -66,6 +66,12 @@ class _Loader(importlib.abc.Loader):
             jit = sys.modules.get("megatron.core.jit")
             if jit is not None and hasattr(jit, "disable_jit_fuser"):
                 jit.disable_jit_fuser()
+            # torch.optim.Optimizer.add_param_group is @torch._disable_dynamo, which imports
+            # torch._dynamo on its first call; an import made there leaves a reference cycle through
+            # the caller's frames, so the first optimizer's model and state outlive it until the
+            # cyclic gc runs (tests/workers/memory_worker.py). Imported here, at import time, the
+            # cycle holds only import frames.
+            import torch._dynamo  # noqa: F401
 
     def __getattr__(self, name):
         return getattr(self._real, name)
