@@ -314,18 +314,15 @@ def _pack_prefix(rows: RolloutBatch, pad_multiple: int, pad_token_id: int) -> Pa
 
 
 def _budget_bins(batch: RolloutBatch, max_tokens: int, pack: PackMode, pad_multiple: int) -> List[List[int]]:
-    lengths = [int(x) for x in batch.lengths.tolist()]
-    if pack == "prefix":  # whole prompt groups, costed as packed
-        G = _Groups.of(batch)
-        sizes = [G.packed_tokens(g) for g in range(len(G.groups))]
-        bins = first_fit_decreasing(sizes, budget=max_tokens,
-                                    cost=lambda n, longest, total: round_up(total, pad_multiple))
-        return [[i for g in b for i in G.groups[g]] for b in bins]
     if pack:
         cost = lambda n, longest, total: round_up(total, pad_multiple)  # noqa: E731
     else:
         cost = lambda n, longest, total: n * round_up(longest, pad_multiple)  # noqa: E731
-    return first_fit_decreasing(lengths, max_tokens, cost)
+    if pack == "prefix":  # whole prompt groups, costed as packed
+        G = _Groups.of(batch)
+        bins = first_fit_decreasing([G.packed_tokens(g) for g in range(len(G.groups))], max_tokens, cost)
+        return [[i for g in b for i in G.groups[g]] for b in bins]
+    return first_fit_decreasing([int(x) for x in batch.lengths.tolist()], max_tokens, cost)
 
 
 def local_count(batch: RolloutBatch, *, max_tokens: int = 0, pack: PackMode = False, pad_multiple: int = 1) -> int:

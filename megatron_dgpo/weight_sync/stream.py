@@ -323,10 +323,9 @@ class WeightStreamer:
                  target_tp: int | None = None, integrity: str = "transfer", reuse_buffers: bool = False,
                  device: torch.device | str | None = None, local: bool = False):
         par = _parallel_info()
-        if local:
-            if par.tp > 1 or par.pp > 1 or receivers is not None or target_tp is not None:
-                raise ValueError("local=True streams a whole replica to this rank: it needs TP = PP = 1 "
-                                 "and no receivers / target_tp")
+        if local and (par.tp > 1 or par.pp > 1 or receivers is not None or target_tp is not None):
+            raise ValueError("local=True streams a whole replica to this rank: it needs TP = PP = 1 "
+                             "and no receivers / target_tp")
         if integrity not in ("transfer", "always", "off"):
             raise ValueError(f"integrity={integrity!r}: use 'transfer', 'always' or 'off'")
         if bucket_bytes <= 0:
